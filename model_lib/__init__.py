@@ -1,0 +1,1 @@
+"""Keras models, tf.Transform preprocessing, input pipelines, training and export."""

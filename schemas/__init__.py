@@ -1,0 +1,1 @@
+"""Every data contract of the project, declared once."""

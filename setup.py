@@ -1,0 +1,42 @@
+"""Installs the vision-pipelines package; also what Dataflow workers install (--setup_file)."""
+
+from setuptools import find_packages, setup
+
+RUNTIME_REQUIREMENTS = [
+    "apache-beam[gcp]==2.77.0",
+    "tensorflow==2.21.*",
+    "tensorflow-transform==1.21.*",
+    "tfx-bsl==1.21.*",
+    "tensorflow-metadata==1.21.*",
+    "keras>=3.10,<4",
+    "scann==1.4.2",
+    "pyarrow>=16",
+    "pillow>=10",
+    "numpy>=1.26",
+    "google-cloud-storage>=2.14",
+    "google-cloud-bigquery>=3.20",
+    "scikit-learn>=1.4",
+    "duckdb>=1.1",
+    "matplotlib>=3.8",
+    "PyYAML>=6",
+]
+
+TEST_REQUIREMENTS = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "hypothesis>=6.100",
+    "gcp-storage-emulator>=2024.8.3",
+    "bqemulator==1.4.0",
+]
+
+setup(
+    name="vision-pipelines",
+    version="0.1.0",
+    description="Apache Beam jobs for computer-vision datasets, training, inference, embeddings and search.",
+    python_requires=">=3.10,<3.12",
+    packages=find_packages(include=["beam_jobs", "beam_jobs.*", "transforms", "transforms.*",
+                                    "model_lib", "model_lib.*", "schemas", "schemas.*"]),
+    install_requires=RUNTIME_REQUIREMENTS,
+    extras_require={"test": TEST_REQUIREMENTS},
+    entry_points={"console_scripts": ["vision-pipelines=beam_jobs.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Reusable PTransforms and DoFns shared by the jobs."""

@@ -1,0 +1,107 @@
+"""Turning failures into dead-letter records and writing them next to a job's output."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from schemas import layout
+from schemas.dead_letter import DeadLetter
+
+METRICS_NAMESPACE = "vision_pipelines"
+
+
+class RejectedInput(Exception):
+    """Raised inside a step when an input is bad; carries the stable reason code.
+
+    Steps raise it (rather than returning a sentinel) so that Beam's
+    ``with_exception_handling`` routes the element to the dead-letter output.
+    """
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def dead_letter_from_failure(failure: tuple[Any, tuple[Any, ...]], stage: str) -> DeadLetter:
+    """Converts a ``with_exception_handling`` failure ``(element, (type, value, tb))``.
+
+    The element's ``input_ref`` attribute (or ``str(element)``) names the input,
+    so dead letters never carry image bytes.
+    """
+    element, exc_info = failure
+    exc_type, exc_value = exc_info[0], exc_info[1]
+    error_type = getattr(exc_value, "error_type", None) or getattr(exc_type, "__name__", str(exc_type))
+    input_ref = getattr(element, "input_ref", None)
+    if input_ref is None and isinstance(element, tuple) and element:
+        input_ref = getattr(element[-1], "input_ref", None) or str(element[0])
+    return DeadLetter(
+        input_ref=str(input_ref if input_ref is not None else element)[:2000],
+        stage=stage,
+        error_type=str(error_type),
+        message=str(exc_value)[:2000],
+    )
+
+
+class ToDeadLetters(beam.PTransform):
+    """Maps the failures of one ``with_exception_handling`` step to DeadLetters."""
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self._stage = stage
+
+    def expand(self, failures: beam.PCollection) -> beam.PCollection[DeadLetter]:
+        return failures | beam.Map(dead_letter_from_failure, stage=self._stage)
+
+
+class _CountRejectionsFn(beam.DoFn):
+    """Counts dead letters per error type in Beam metrics, then passes them on."""
+
+    def process(self, letter: DeadLetter) -> Iterable[DeadLetter]:
+        Metrics.counter(METRICS_NAMESPACE, f"rejected_{letter.error_type}").inc()
+        Metrics.counter(METRICS_NAMESPACE, "rejected").inc()
+        yield letter
+
+
+def dead_letter_to_json(letter: DeadLetter) -> str:
+    return letter.to_json()
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Counts and writes a job's dead letters as ``OUTPUT/rejected-*.jsonl``.
+
+    The file is written even when nothing was rejected (one empty shard), so
+    readers can tell "no rejections" from "the job did not run".
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self._output_dir = output_dir
+
+    def expand(self, letters: beam.PCollection[DeadLetter]) -> beam.pvalue.PDone:
+        return (
+            letters
+            | "CountRejections" >> beam.ParDo(_CountRejectionsFn())
+            | "FormatDeadLetters" >> beam.Map(dead_letter_to_json)
+            | "WriteRejected"
+            >> beam.io.WriteToText(
+                layout.rejected_prefix(self._output_dir),
+                file_name_suffix=layout.REJECTED_SUFFIX,
+                num_shards=1,
+            )
+        )
+
+
+def read_dead_letters(output_dir: str) -> list[DeadLetter]:
+    """Reads back every dead letter a job wrote (local or gs://)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    letters: list[DeadLetter] = []
+    for match in FileSystems.match([layout.rejected_pattern(output_dir)])[0].metadata_list:
+        with FileSystems.open(match.path) as handle:
+            for line in handle.read().decode("utf-8").splitlines():
+                if line.strip():
+                    letters.append(DeadLetter.from_json(line))
+    return letters
