@@ -1,0 +1,3 @@
+"""Shared pytest set-up: fixture modules are registered here as plugins."""
+
+pytest_plugins: list[str] = []
