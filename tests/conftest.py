@@ -1,3 +1,5 @@
 """Shared pytest set-up: fixture modules are registered here as plugins."""
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = [
+    "tests.fixtures.emulators",
+]
