@@ -20,8 +20,9 @@ from schemas import dataset
 PIXELS = "pixels"  # float32 [B, S, S, C], standardized per channel with train-split stats.
 LABEL_VOCAB_INDEX = "label_vocab_index"  # int64 [B]: index in the train-split frequency vocabulary.
 
-# The vocabulary file (with frequencies) under transform_fn/assets/: label
-# counts in the train split, which training uses for class weights.
+# The vocabulary file under transform_fn/assets/: the train split's labels,
+# most frequent first. Training targets use labels.txt order (the record's
+# label_index); this vocabulary documents what the train split contained.
 LABEL_VOCABULARY = "label_vocabulary"
 _MIN_STD = 1e-3
 
@@ -49,7 +50,7 @@ def make_preprocessing_fn(
         std = tf.sqrt(tft.var(per_pixel, reduce_instance_dims=False))
         standardized = (pixels - mean) / tf.maximum(std, _MIN_STD)
         label_index = tft.compute_and_apply_vocabulary(
-            inputs[dataset.LABEL], vocab_filename=LABEL_VOCABULARY, store_frequency=False
+            inputs[dataset.LABEL], vocab_filename=LABEL_VOCABULARY
         )
         return {PIXELS: standardized, LABEL_VOCAB_INDEX: label_index}
 

@@ -1,0 +1,169 @@
+"""From labeled image references to complete dataset records.
+
+Steps: load and normalize each image (``LoadImages``), optionally merge
+identical content (``DedupeByContent``), then give each image its id, split and
+label index (``BuildRecords``). Each step sends bad inputs to dead letters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Literal
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from schemas import dataset
+from schemas.dead_letter import DeadLetter
+from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
+from transforms.images import ImageSpec, NormalizedImage, content_sha256, normalize_image, read_image_bytes
+from transforms.labeling import LabeledImage
+from transforms.splitting import SplitSpec, assign_split, image_id_for_content, image_id_for_uri
+
+DedupeMode = Literal["uri", "content"]
+UNKNOWN_LABEL = "unknown_label"
+DUPLICATE_CONTENT = "duplicate_content"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedImage:
+    """A labeled image whose file was read and normalized."""
+
+    uri: str
+    label: str
+    input_ref: str
+    sha256: str
+    image: NormalizedImage
+
+
+class LoadImageFn(beam.DoFn):
+    """Reads one image file and normalizes it; failures raise ``RejectedInput``."""
+
+    def __init__(self, spec: ImageSpec):
+        self._spec = spec
+        self._bytes_read = Metrics.distribution(METRICS_NAMESPACE, "source_image_bytes")
+
+    def process(self, labeled: LabeledImage) -> Iterable[LoadedImage]:
+        data = read_image_bytes(labeled.uri)
+        self._bytes_read.update(len(data))
+        yield LoadedImage(
+            uri=labeled.uri,
+            label=labeled.label,
+            input_ref=labeled.input_ref,
+            sha256=content_sha256(data),
+            image=normalize_image(data, self._spec),
+        )
+
+
+class LoadImages(beam.PTransform):
+    """LabeledImage -> (LoadedImage, DeadLetter) with one dead letter per bad file."""
+
+    def __init__(self, spec: ImageSpec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, labeled: beam.PCollection[LabeledImage]):
+        loaded, failed = labeled | "DecodeImages" >> beam.ParDo(LoadImageFn(self._spec)).with_exception_handling()
+        return loaded, failed | "ImageFailuresToDeadLetters" >> ToDeadLetters("load_image")
+
+
+def key_by_content(image: LoadedImage) -> tuple[str, LoadedImage]:
+    return image.sha256, image
+
+
+class _KeepFirstByUriFn(beam.DoFn):
+    """Keeps the copy with the smallest URI; the others become dead letters."""
+
+    DEAD_LETTERS = "dead_letters"
+
+    def process(self, element: tuple[str, Iterable[LoadedImage]]):
+        _, copies = element
+        ordered = sorted(copies, key=lambda image: image.uri)
+        kept = ordered[0]
+        yield kept
+        for duplicate in ordered[1:]:
+            note = "" if duplicate.label == kept.label else f" (its label {duplicate.label!r} was not used)"
+            yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, DeadLetter(
+                duplicate.input_ref, "dedupe_content", DUPLICATE_CONTENT,
+                f"identical bytes to {kept.uri}, which is kept{note}"))
+
+
+class DedupeByContent(beam.PTransform):
+    """Merges images with identical bytes, so copies can never straddle splits."""
+
+    def expand(self, loaded: beam.PCollection[LoadedImage]):
+        results = (
+            loaded
+            | "KeyByContent" >> beam.Map(key_by_content)
+            | "GroupIdenticalContent" >> beam.GroupByKey()
+            | "KeepFirstCopy" >> beam.ParDo(_KeepFirstByUriFn()).with_outputs(
+                _KeepFirstByUriFn.DEAD_LETTERS, main="kept")
+        )
+        return results.kept, results[_KeepFirstByUriFn.DEAD_LETTERS]
+
+
+def image_label(image: LoadedImage) -> str:
+    return image.label
+
+
+def sorted_labels(labels: Iterable[str]) -> list[str]:
+    return sorted(set(labels))
+
+
+class DeriveVocabulary(beam.PTransform):
+    """The sorted distinct labels, as a one-element PCollection holding a list."""
+
+    def expand(self, images: beam.PCollection[LoadedImage]) -> beam.PCollection[list[str]]:
+        return (
+            images
+            | "ExtractLabels" >> beam.Map(image_label)
+            | "DistinctLabels" >> beam.Distinct()
+            | "SortLabels" >> beam.CombineGlobally(sorted_labels)
+        )
+
+
+class BuildRecordFn(beam.DoFn):
+    """LoadedImage -> dataset record dict (``schemas.dataset.DATASET_RECORD`` fields)."""
+
+    def __init__(self, split_spec: SplitSpec, dedupe: DedupeMode):
+        self._split_spec = split_spec
+        self._dedupe = dedupe
+
+    def process(self, image: LoadedImage, labels: list[str]) -> Iterable[dict[str, Any]]:
+        try:
+            label_index = labels.index(image.label)
+        except ValueError:
+            raise RejectedInput(UNKNOWN_LABEL, f"label {image.label!r} is not in the labels file") from None
+        image_id = image_id_for_content(image.sha256) if self._dedupe == "content" else image_id_for_uri(image.uri)
+        normalized = image.image
+        yield {
+            dataset.IMAGE_ID: image_id,
+            dataset.URI: image.uri,
+            dataset.LABEL: image.label,
+            dataset.LABEL_INDEX: label_index,
+            dataset.SPLIT: assign_split(image_id, self._split_spec),
+            dataset.IMAGE: normalized.encoded,
+            dataset.FORMAT: normalized.format,
+            dataset.HEIGHT: normalized.height,
+            dataset.WIDTH: normalized.width,
+            dataset.CHANNELS: normalized.channels,
+            dataset.ORIGINAL_HEIGHT: normalized.original_height,
+            dataset.ORIGINAL_WIDTH: normalized.original_width,
+            dataset.SHA256: image.sha256,
+        }
+
+
+class BuildRecords(beam.PTransform):
+    """Assigns id, split and label index; returns ``(records, dead_letters)``."""
+
+    def __init__(self, split_spec: SplitSpec, dedupe: DedupeMode, vocabulary: beam.PCollection[list[str]]):
+        super().__init__()
+        self._split_spec = split_spec
+        self._dedupe = dedupe
+        self._vocabulary = vocabulary
+
+    def expand(self, images: beam.PCollection[LoadedImage]):
+        records, failed = images | "AssignIdsAndSplits" >> beam.ParDo(
+            BuildRecordFn(self._split_spec, self._dedupe), labels=beam.pvalue.AsSingleton(self._vocabulary)
+        ).with_exception_handling()
+        return records, failed | "RecordFailuresToDeadLetters" >> ToDeadLetters("build_record")
