@@ -1,0 +1,406 @@
+"""The model handler every inference job runs the exported model through.
+
+``ImageModelHandler`` is a Beam ``ModelHandler`` for ``RunInference``: it
+loads the exported SavedModel (``schemas.model_artifacts``) once per worker
+process through Beam's shared handle, and feeds it batches of *encoded* image
+bytes, so decoding and resizing happen inside the model's serving signature,
+the same graph training used. Beam's own TensorFlow handlers cannot be used:
+they need tensorflow_hub and load through Keras 3, which rejects SavedModel
+directories.
+
+Elements are keyed: ``(key, ImageInput)`` in, ``(key, PredictionResult)`` out,
+where the result's ``inference`` is a ``ModelOutputs`` holding every signature
+output (label, label_index, probabilities, embedding), so prediction and
+embedding jobs share the handler. ``PredictImages`` wraps ``RunInference`` with
+dead letters: a batch that fails is retried element by element so one bad
+image cannot sink its batch-mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import threading
+from typing import Any, Iterable, Mapping, Sequence
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.utils import multi_process_shared, shared
+
+from schemas import model_artifacts
+from schemas.dead_letter import DeadLetter
+from schemas.model_artifacts import ModelInfo
+from schemas import prediction as prediction_schema
+from transforms.dead_letters import METRICS_NAMESPACE, ToDeadLetters
+
+_LOGGER = logging.getLogger(__name__)
+
+STAGE = "predict"
+INFERENCE_FAILED = "inference_failed"
+MODEL_LOADS_COUNTER = "model_loads"
+RETRIED_BATCHES_COUNTER = "failed_batches_retried"
+REQUIRED_OUTPUTS = (
+    model_artifacts.OUTPUT_LABEL,
+    model_artifacts.OUTPUT_LABEL_INDEX,
+    model_artifacts.OUTPUT_PROBABILITIES,
+    model_artifacts.OUTPUT_EMBEDDING,
+)
+
+DEFAULT_MIN_BATCH_SIZE = 1
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_BATCH_BYTES = 64 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    """One image to run through the model.
+
+    Attributes:
+      image_id: Stable id (``transforms.splitting.image_id_for_uri`` or the
+        dataset record's id).
+      uri: Where the image was read from; names it in dead letters.
+      image_bytes: The encoded file (JPEG, PNG, GIF, BMP, WebP), already
+        validated; emptied in prediction results so bytes do not travel on.
+      label: The known (true) label, if any.
+      split: The dataset split, if read from a dataset.
+      source: The directory the image was read from.
+    """
+
+    image_id: str
+    uri: str
+    image_bytes: bytes = dataclasses.field(repr=False)
+    label: str | None = None
+    split: str | None = None
+    source: str | None = None
+
+    @property
+    def input_ref(self) -> str:
+        """What dead letters name this input by (never the bytes)."""
+        return self.uri
+
+
+KeyedImage = tuple[str, ImageInput]
+KeyedPrediction = tuple[str, PredictionResult]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelOutputs:
+    """Every serving-signature output for one image.
+
+    Attributes:
+      label: Predicted label text.
+      label_index: Position of ``label`` in the model's labels.
+      probabilities: float32 [num_classes].
+      embedding: float32 [embedding_dim], L2-normalized.
+    """
+
+    label: str
+    label_index: int
+    probabilities: np.ndarray
+    embedding: np.ndarray
+
+
+class LoadedImageModel:
+    """A loaded SavedModel serving signature, shared by all threads of a process.
+
+    A class (not a dict) so ``shared.Shared`` can hold a weak reference to it;
+    only methods are called on it, so it also works behind Beam's
+    ``MultiProcessShared`` proxy when the model is shared across processes.
+    """
+
+    def __init__(self, model_dir: str):
+        path = FileSystems.join(model_dir, model_artifacts.SAVED_MODEL_DIR)
+        self._saved_model = tf.saved_model.load(path)
+        signatures = self._saved_model.signatures
+        if model_artifacts.SERVING_SIGNATURE not in signatures:
+            raise ValueError(
+                f"{path} has no {model_artifacts.SERVING_SIGNATURE!r} signature; it has {sorted(signatures)}"
+            )
+        self._signature = signatures[model_artifacts.SERVING_SIGNATURE]
+        inputs = self._signature.structured_input_signature[1]
+        if model_artifacts.IMAGE_BYTES_INPUT not in inputs:
+            raise ValueError(
+                f"signature {model_artifacts.SERVING_SIGNATURE!r} of {path} takes {sorted(inputs)}, "
+                f"not {model_artifacts.IMAGE_BYTES_INPUT!r}"
+            )
+        missing = [k for k in REQUIRED_OUTPUTS if k not in self._signature.structured_outputs]
+        if missing:
+            raise ValueError(f"signature {model_artifacts.SERVING_SIGNATURE!r} of {path} lacks outputs {missing}")
+        self._lock = threading.Lock()
+        self._load_reported = False
+
+    def predict(self, image_bytes: list[bytes]) -> dict[str, np.ndarray]:
+        """Runs the serving signature on a batch of encoded images.
+
+        Returns:
+          Each required output as a numpy array whose first dimension is the batch.
+        """
+        outputs = self._signature(**{model_artifacts.IMAGE_BYTES_INPUT: tf.constant(image_bytes, dtype=tf.string)})
+        return {key: outputs[key].numpy() for key in REQUIRED_OUTPUTS}
+
+    def claim_load_report(self) -> bool:
+        """True exactly once per load, so the load is counted once in Beam metrics.
+
+        Loads happen in ``DoFn.setup`` where metrics are not attributed to a
+        step, so the first batch through the model reports the load instead.
+        """
+        with self._lock:
+            if self._load_reported:
+                return False
+            self._load_reported = True
+            return True
+
+
+class _EncodedSizeWeight:
+    """BatchElements weight of one keyed image, in units of 1/max_batch_size of the byte budget.
+
+    BatchElements bounds a batch by the *sum of weights*, so weighing an image
+    ``ceil(bytes / (max_batch_bytes / max_batch_size))`` (at least 1) caps a
+    batch at ``max_batch_size`` images and at about ``max_batch_bytes``
+    encoded bytes together; an image larger than the budget gets a batch to
+    itself.
+    """
+
+    def __init__(self, bytes_per_unit: float):
+        self._bytes_per_unit = bytes_per_unit
+
+    def __call__(self, element: KeyedImage) -> int:
+        return max(1, math.ceil(len(element[1].image_bytes) / self._bytes_per_unit))
+
+
+class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageModel]):
+    """Runs an exported image model on ``(key, ImageInput)`` batches.
+
+    Example:
+      handler = ImageModelHandler("gs://bucket/model/best", max_batch_size=32)
+      predictions, dead_letters = keyed_images | PredictImages(handler)
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        min_batch_size: int = DEFAULT_MIN_BATCH_SIZE,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        large_model: bool = False,
+        model_copies: int | None = None,
+    ):
+        """Reads model_info.json now, so a bad model dir fails before launch.
+
+        Args:
+          model_dir: Directory with ``saved_model/`` and ``model_info.json``.
+          min_batch_size: Smallest batch (in images of ordinary size).
+          max_batch_size: Largest batch in images.
+          max_batch_bytes: Largest batch in encoded bytes (approximately).
+          large_model: Load one copy per machine, shared by its processes
+            (Beam's MultiProcessShared), for models too big for one per process.
+          model_copies: Exact number of copies per machine (implies sharing
+            across processes).
+
+        Raises:
+          ValueError: on an invalid batch configuration.
+        """
+        if min_batch_size < 1:
+            raise ValueError(f"min_batch_size must be >= 1. Received `min_batch_size={min_batch_size}`")
+        if max_batch_size < min_batch_size:
+            raise ValueError(
+                f"max_batch_size must be >= min_batch_size. "
+                f"Received `max_batch_size={max_batch_size}`, `min_batch_size={min_batch_size}`"
+            )
+        if max_batch_bytes < 1:
+            raise ValueError(f"max_batch_bytes must be >= 1. Received `max_batch_bytes={max_batch_bytes}`")
+        if model_copies is not None and model_copies < 1:
+            raise ValueError(f"model_copies must be >= 1. Received `model_copies={model_copies}`")
+        super().__init__(large_model=large_model, model_copies=model_copies)
+        self._model_dir = model_dir
+        self._info = ModelInfo.read(model_dir)
+        # Passed to BatchElements directly: ModelHandler's own max_batch_weight
+        # kwarg is not accepted by BatchElements in Beam 2.77.
+        self._batch_kwargs = {
+            "min_batch_size": min_batch_size,
+            "max_batch_size": max_batch_size,
+            "element_size_fn": _EncodedSizeWeight(max_batch_bytes / max_batch_size),
+        }
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def model_identifier(self) -> str:
+        """Tag naming this model in Beam's shared caches: same weights and directory, same copy."""
+        digest = hashlib.sha256(self._model_dir.encode("utf-8")).hexdigest()[:12]
+        return f"image-model-{self._info.model_version}-{digest}"
+
+    def load_model(self) -> LoadedImageModel:
+        _LOGGER.info("Loading model %s (version %s)", self._model_dir, self._info.model_version)
+        return LoadedImageModel(self._model_dir)
+
+    def run_inference(
+        self,
+        batch: Sequence[KeyedImage],
+        model: LoadedImageModel,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[KeyedPrediction]:
+        """Predicts a batch; results keep the input order and the keys.
+
+        Raises:
+          tf.errors.OpError: when any image in the batch cannot be decoded by
+            the model (``PredictImages`` then retries the batch per element).
+        """
+        if model.claim_load_report():
+            Metrics.counter(METRICS_NAMESPACE, MODEL_LOADS_COUNTER).inc()
+        if not batch:
+            return []
+        outputs = model.predict([image.image_bytes for _, image in batch])
+        count = len(outputs[model_artifacts.OUTPUT_LABEL])
+        if count != len(batch):
+            raise ValueError(f"model returned {count} predictions for a batch of {len(batch)}")
+        results = []
+        for i, (key, image) in enumerate(batch):
+            inference = ModelOutputs(
+                label=_to_text(outputs[model_artifacts.OUTPUT_LABEL][i]),
+                label_index=int(outputs[model_artifacts.OUTPUT_LABEL_INDEX][i]),
+                probabilities=np.asarray(outputs[model_artifacts.OUTPUT_PROBABILITIES][i], dtype=np.float32),
+                embedding=np.asarray(outputs[model_artifacts.OUTPUT_EMBEDDING][i], dtype=np.float32),
+            )
+            example = dataclasses.replace(image, image_bytes=b"")
+            results.append((key, PredictionResult(example, inference, model_id=self._info.model_version)))
+        return results
+
+    def get_num_bytes(self, batch: Sequence[KeyedImage]) -> int:
+        return sum(len(image.image_bytes) for _, image in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return dict(self._batch_kwargs)
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
+        if inference_args:
+            raise ValueError(f"ImageModelHandler takes no inference_args. Received `inference_args={inference_args}`")
+
+
+def _to_text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def elements_of_failed_batch(failure: tuple[Sequence[KeyedImage], Any]) -> Iterable[KeyedImage]:
+    """Splits a ``RunInference`` failure ``(batch, error)`` back into its elements."""
+    batch, error = failure
+    Metrics.counter(METRICS_NAMESPACE, RETRIED_BATCHES_COUNTER).inc()
+    _LOGGER.warning("Retrying a failed batch of %d images one by one: %s", len(batch), error[1] if error else "")
+    yield from batch
+
+
+class PredictElementFn(beam.DoFn):
+    """Predicts one image at a time: the retry path for batches that failed.
+
+    The model is acquired on first use rather than in ``setup``: batches
+    rarely fail, and most processes should never hold a second copy. When the
+    handler shares its model across processes, the retry uses the very copy
+    ``RunInference`` loaded (same ``MultiProcessShared`` tag).
+    """
+
+    DEAD_LETTERS = "dead_letters"
+
+    def __init__(self, handler: ImageModelHandler):
+        self._handler = handler
+        self._shared_handle = shared.Shared()
+        self._model: LoadedImageModel | None = None
+
+    def setup(self) -> None:
+        self._model = None
+
+    def _acquire_model(self) -> LoadedImageModel:
+        tag = self._handler.model_identifier
+        if self._handler.share_model_across_processes():
+            # RunInference names the first copy f"{tag}0" (base._get_tags_for_copies).
+            return multi_process_shared.MultiProcessShared(
+                self._handler.load_model, tag=f"{tag}0", always_proxy=True
+            ).acquire()
+        return self._shared_handle.acquire(self._handler.load_model, tag=tag)
+
+    def process(self, element: KeyedImage) -> Iterable[KeyedPrediction | beam.pvalue.TaggedOutput]:
+        if self._model is None:
+            self._model = self._acquire_model()
+        try:
+            yield from self._handler.run_inference([element], self._model)
+        except (tf.errors.OpError, ValueError) as error:
+            yield beam.pvalue.TaggedOutput(
+                self.DEAD_LETTERS,
+                DeadLetter(
+                    input_ref=element[1].input_ref,
+                    stage=STAGE,
+                    error_type=INFERENCE_FAILED,
+                    message=f"{type(error).__name__}: {error}"[:2000],
+                ),
+            )
+
+
+class PredictImages(beam.PTransform):
+    """``RunInference`` with dead letters and per-element retry of failed batches.
+
+    Input: ``(key, ImageInput)``. Returns ``(predictions, dead_letters)``:
+    ``(key, PredictionResult)`` with ``ModelOutputs`` inference, and
+    ``DeadLetter``s (stage ``predict``) for images the model could not take
+    even alone. Every input comes out in exactly one of the two.
+    """
+
+    def __init__(self, handler: ImageModelHandler):
+        super().__init__()
+        self._handler = handler
+
+    def expand(self, images: beam.PCollection[KeyedImage]):
+        predicted, failed = images | "RunModel" >> RunInference(
+            self._handler, model_identifier=self._handler.model_identifier
+        ).with_exception_handling()
+        retried = (
+            failed.failed_inferences
+            | "SplitFailedBatches" >> beam.FlatMap(elements_of_failed_batch)
+            | "PredictOneByOne"
+            >> beam.ParDo(PredictElementFn(self._handler))
+            .with_exception_handling(main_tag="predictions")
+            .with_outputs(PredictElementFn.DEAD_LETTERS)
+        )
+        predictions = (predicted, retried.predictions) | "MergePredictions" >> beam.Flatten()
+        unexpected = retried.bad | "DescribeRetryFailures" >> ToDeadLetters(STAGE)
+        dead_letters = (retried[PredictElementFn.DEAD_LETTERS], unexpected) | "MergeDeadLetters" >> beam.Flatten()
+        return predictions, dead_letters
+
+
+def top_k(probabilities: np.ndarray, labels: Sequence[str], k: int) -> tuple[list[str], list[float]]:
+    """The k most probable labels and their probabilities; ties go to the lower index."""
+    order = np.argsort(-probabilities, kind="stable")[: max(0, k)]
+    return [labels[i] for i in order], [float(probabilities[i]) for i in order]
+
+
+def prediction_row(result: KeyedPrediction, labels: Sequence[str], k: int) -> dict[str, Any]:
+    """A ``schemas.prediction.PREDICTION_RECORD`` row (dict in schema order) from a keyed result."""
+    _, prediction = result
+    image: ImageInput = prediction.example
+    outputs: ModelOutputs = prediction.inference
+    top_labels, top_probabilities = top_k(outputs.probabilities, labels, k)
+    schema = prediction_schema
+    row = {
+        schema.IMAGE_ID: image.image_id,
+        schema.URI: image.uri,
+        schema.LABEL: outputs.label,
+        schema.LABEL_INDEX: outputs.label_index,
+        schema.SCORE: float(outputs.probabilities[outputs.label_index]),
+        schema.TOP_K_LABELS: top_labels,
+        schema.TOP_K_PROBABILITIES: top_probabilities,
+        schema.TRUE_LABEL: image.label,
+        schema.SPLIT: image.split,
+        schema.SOURCE: image.source,
+        schema.MODEL_VERSION: prediction.model_id,
+    }
+    return {name: row[name] for name in schema.PREDICTION_RECORD.names}
