@@ -1,5 +1,7 @@
 """Shared pytest set-up: fixture modules are registered here as plugins."""
 
 pytest_plugins: list[str] = [
+    "tests.fixtures.image_corpus",
     "tests.fixtures.emulators",
+    "tests.fixtures.warehouses",
 ]

@@ -106,8 +106,21 @@ def image_label(image: LoadedImage) -> str:
     return image.label
 
 
-def sorted_labels(labels: Iterable[str]) -> list[str]:
-    return sorted(set(labels))
+class SortedLabelsFn(beam.CombineFn):
+    """Distinct labels in sorted order: the derived vocabulary."""
+
+    def create_accumulator(self) -> set[str]:
+        return set()
+
+    def add_input(self, accumulator: set[str], label: str) -> set[str]:
+        accumulator.add(label)
+        return accumulator
+
+    def merge_accumulators(self, accumulators: Iterable[set[str]]) -> set[str]:
+        return set().union(*accumulators)
+
+    def extract_output(self, accumulator: set[str]) -> list[str]:
+        return sorted(accumulator)
 
 
 class DeriveVocabulary(beam.PTransform):
@@ -117,8 +130,7 @@ class DeriveVocabulary(beam.PTransform):
         return (
             images
             | "ExtractLabels" >> beam.Map(image_label)
-            | "DistinctLabels" >> beam.Distinct()
-            | "SortLabels" >> beam.CombineGlobally(sorted_labels)
+            | "SortDistinctLabels" >> beam.CombineGlobally(SortedLabelsFn())
         )
 
 

@@ -24,24 +24,41 @@ class RejectedInput(Exception):
         super().__init__(message)
         self.error_type = error_type
 
+    def __repr__(self) -> str:
+        # with_exception_handling forwards repr(exception), not the exception:
+        # this form lets dead_letter_from_failure recover the reason code.
+        return f"{self.error_type}{_REASON_SEPARATOR}{self}"
+
+
+_REASON_SEPARATOR = ": "
+
+
+def _reason_and_message(exc_type: Any, exc_value: Any) -> tuple[str, str]:
+    """The stable reason code and message of a failure forwarded by Beam."""
+    if isinstance(exc_value, BaseException):
+        return getattr(exc_value, "error_type", type(exc_value).__name__), str(exc_value)
+    if isinstance(exc_type, type) and issubclass(exc_type, RejectedInput):
+        reason, _, message = str(exc_value).partition(_REASON_SEPARATOR)
+        return reason, message
+    return getattr(exc_type, "__name__", str(exc_type)), str(exc_value)
+
 
 def dead_letter_from_failure(failure: tuple[Any, tuple[Any, ...]], stage: str) -> DeadLetter:
-    """Converts a ``with_exception_handling`` failure ``(element, (type, value, tb))``.
+    """Converts a ``with_exception_handling`` failure ``(element, (type, repr, traceback))``.
 
     The element's ``input_ref`` attribute (or ``str(element)``) names the input,
     so dead letters never carry image bytes.
     """
     element, exc_info = failure
-    exc_type, exc_value = exc_info[0], exc_info[1]
-    error_type = getattr(exc_value, "error_type", None) or getattr(exc_type, "__name__", str(exc_type))
+    error_type, message = _reason_and_message(exc_info[0], exc_info[1])
     input_ref = getattr(element, "input_ref", None)
     if input_ref is None and isinstance(element, tuple) and element:
         input_ref = getattr(element[-1], "input_ref", None) or str(element[0])
     return DeadLetter(
         input_ref=str(input_ref if input_ref is not None else element)[:2000],
         stage=stage,
-        error_type=str(error_type),
-        message=str(exc_value)[:2000],
+        error_type=error_type,
+        message=message[:2000],
     )
 
 

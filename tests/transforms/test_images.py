@@ -1,0 +1,76 @@
+"""Image normalization on real files of every supported form, and each kind of bad file."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transforms.dead_letters import RejectedInput
+from transforms.images import ImageSpec, normalize_image, read_image_bytes
+
+
+def _decode(encoded: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(encoded)))
+
+
+def _load(path: str, spec: ImageSpec):
+    return normalize_image(read_image_bytes(path), spec)
+
+
+def test_every_good_form_decodes_to_the_requested_shape(image_corpus):
+    spec = ImageSpec(image_size=24, channels=3, image_format="png")
+    good = [path for path, outcome in image_corpus.expected.items() if outcome is None]
+    assert len(good) == 7
+    for path in good:
+        normalized = _load(path, spec)
+        assert _decode(normalized.encoded).shape == (24, 24, 3), path
+
+
+def test_grayscale_output_has_one_channel(image_corpus):
+    path = next(p for p in image_corpus.expected if p.endswith("rgb.jpg"))
+    normalized = _load(path, ImageSpec(image_size=16, channels=1, image_format="png"))
+    assert _decode(normalized.encoded).shape == (16, 16)
+    assert normalized.channels == 1
+
+
+def test_exif_orientation_is_applied(image_corpus):
+    path = next(p for p in image_corpus.expected if p.endswith("exif_rotated.jpg"))
+    normalized = _load(path, ImageSpec(image_size=30, resize_method="pad", image_format="png"))
+    # Stored 60x30 landscape, displayed 30x60 portrait.
+    assert (normalized.original_width, normalized.original_height) == (30, 60)
+    pixels = _decode(normalized.encoded)
+    # Padding a portrait image puts black bars left and right, not top and bottom.
+    assert pixels[:, :5].max() == 0 and pixels[:, -5:].max() == 0
+    assert pixels[:5, 10:20].max() > 0
+
+
+def test_png_at_the_target_size_is_stored_exactly(image_corpus):
+    path = next(p for p in image_corpus.expected if p.endswith("gray.png"))
+    normalized = _load(path, ImageSpec(image_size=40, channels=1, image_format="png"))
+    np.testing.assert_array_equal(_decode(normalized.encoded), np.asarray(Image.open(path)))
+
+
+@pytest.mark.parametrize("method,expected_shape", [("stretch", (20, 20, 3)), ("pad", (20, 20, 3)), ("crop", (20, 20, 3))])
+def test_resize_methods_give_square_images(image_corpus, method, expected_shape):
+    path = next(p for p in image_corpus.expected if p.endswith("exif_rotated.jpg"))
+    assert _decode(_load(path, ImageSpec(image_size=20, resize_method=method)).encoded).shape == expected_shape
+
+
+def test_each_bad_file_is_rejected_with_its_reason(image_corpus):
+    spec = ImageSpec(image_size=24, max_pixels=1_000_000)
+    bad = {p: o for p, o in image_corpus.expected.items() if o not in (None, "unknown_label")}
+    assert len(bad) == 5
+    for path, reason in bad.items():
+        with pytest.raises(RejectedInput) as raised:
+            _load(path, spec)
+        assert raised.value.error_type == reason, path
+
+
+@pytest.mark.parametrize("field,value", [("image_size", 0), ("channels", 2), ("resize_method", "warp"),
+                                         ("image_format", "gif"), ("jpeg_quality", 101), ("max_pixels", 0)])
+def test_bad_image_spec_names_the_value(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        ImageSpec(**{field: value})
