@@ -1,0 +1,605 @@
+"""Named SQL queries over an embeddings table, in BigQuery and DuckDB dialects side by side.
+
+Each ``NamedQuery`` holds one BigQuery and one DuckDB text that must give the
+same answer (tests run both on the same rows). Values reach the engine only as
+bound query parameters (``@name`` in BigQuery, ``$name`` in DuckDB), never
+pasted into SQL text; the one exception, the table name, cannot be a
+parameter and is validated by ``schemas.warehouse.parse_warehouse_uri``.
+
+Every named query except ``versions`` reads one ``model_version`` (the newest,
+by latest ``created_at``, unless given), so rows of different models never mix.
+
+Dialect notes, also why the BigQuery texts look the way they do:
+
+- Vectors are compared with ``COSINE_DISTANCE`` (BigQuery) and
+  ``list_cosine_similarity`` (DuckDB); similarity = 1 - distance.
+- Element-wise work unnests with ``WITH OFFSET`` and selects the offset under
+  an alias (``i AS dim``); indexing a second array with ``q[OFFSET(i)]`` inside
+  an aggregate is avoided because the local BigQuery emulator evaluates it wrongly.
+- DuckDB stores embeddings as FLOAT[]; they are cast to DOUBLE[] so both
+  engines compute in double precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
+
+from schemas.embedding import EMBEDDINGS_TABLE
+from schemas.warehouse import WarehouseUri, parse_warehouse_uri
+
+ParamKind = Literal["string", "int64", "float64", "float64_array"]
+Dialect = Literal["bigquery", "duckdb"]
+MODEL_VERSION_PARAM = "model_version"
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryParam:
+    """A named query's parameter.
+
+    Attributes:
+      name: Bound as ``@name`` / ``$name``; also the CLI flag ``--name``.
+      kind: Value type; ``float64_array`` is a list of floats (a vector).
+      help: What it means, for ``--help``.
+      default: Value when not given; None means "not given" (see ``absent``).
+      absent: The value bound when an optional parameter without default is
+        not given (queries test for it, e.g. ``''`` or an empty vector).
+    """
+
+    name: str
+    kind: ParamKind
+    help: str
+    default: Any = None
+    absent: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedQuery:
+    """One query in both dialects. ``{table}`` stands for the quoted table name."""
+
+    name: str
+    description: str
+    params: tuple[QueryParam, ...]
+    bigquery: str
+    duckdb: str
+    by_model_version: bool = True
+    check: Callable[[Mapping[str, Any]], None] | None = None
+
+    def sql(self, dialect: Dialect) -> str:
+        return self.bigquery if dialect == "bigquery" else self.duckdb
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+    """Rows of a query with their column names; ``model_version`` is the version queried."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+    model_version: str | None = None
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+
+class QueryError(ValueError):
+    """A query could not run as asked (bad parameters, no rows for the model version)."""
+
+
+# --------------------------------------------------------------------------- queries
+
+_NEWEST_MODEL_VERSION = NamedQuery(
+    name="newest_model_version",
+    description="The model_version whose rows were created last.",
+    params=(),
+    by_model_version=False,
+    bigquery="""
+SELECT model_version FROM {table}
+GROUP BY model_version
+ORDER BY MAX(created_at) DESC, model_version DESC
+LIMIT 1""",
+    duckdb="""
+SELECT model_version FROM {table}
+GROUP BY model_version
+ORDER BY MAX(created_at) DESC, model_version DESC
+LIMIT 1""",
+)
+
+_K = QueryParam("k", "int64", "How many neighbors to return.", default=10)
+_LIMIT = QueryParam("limit", "int64", "Maximum rows to return.", default=20)
+
+
+def _check_neighbors(params: Mapping[str, Any]) -> None:
+    if bool(params.get("image_id")) == bool(params.get("vector")):
+        raise QueryError("neighbors needs exactly one of --image_id or --vector")
+    if params["k"] < 1:
+        raise QueryError(f"k must be >= 1. Received `k={params['k']}`")
+
+
+def _check_limit(params: Mapping[str, Any]) -> None:
+    if params["limit"] < 0:
+        raise QueryError(f"limit must be >= 0. Received `limit={params['limit']}`")
+
+
+def _check_near_duplicates(params: Mapping[str, Any]) -> None:
+    _check_limit(params)
+    if not -1.0 <= params["threshold"] <= 1.0:
+        raise QueryError(f"threshold is a cosine similarity in [-1, 1]. Received `threshold={params['threshold']}`")
+    if params["block_dims"] < 1:
+        raise QueryError(f"block_dims must be >= 1. Received `block_dims={params['block_dims']}`")
+
+
+NEIGHBORS = NamedQuery(
+    name="neighbors",
+    description="Top-k rows by cosine similarity to an image (by image_id, itself excluded) or to a vector.",
+    params=(
+        QueryParam("image_id", "string", "Find neighbors of this image.", absent=""),
+        QueryParam("vector", "float64_array", "Find neighbors of this vector (comma-separated floats).", absent=[]),
+        _K,
+    ),
+    check=_check_neighbors,
+    bigquery="""
+WITH selected AS (
+  SELECT image_id, uri, label, split, embedding FROM {table} WHERE model_version = @model_version
+),
+probe AS (
+  SELECT embedding FROM (SELECT embedding FROM selected WHERE image_id = @image_id LIMIT 1)
+  UNION ALL
+  SELECT @vector AS embedding FROM UNNEST([1]) WHERE ARRAY_LENGTH(@vector) > 0
+)
+SELECT s.image_id, s.uri, s.label, s.split, 1 - COSINE_DISTANCE(s.embedding, p.embedding) AS similarity
+FROM selected AS s CROSS JOIN probe AS p
+WHERE s.image_id != @image_id
+ORDER BY similarity DESC, s.image_id
+LIMIT @k""",
+    duckdb="""
+WITH selected AS (
+  SELECT image_id, uri, label, split, CAST(embedding AS DOUBLE[]) AS embedding
+  FROM {table} WHERE model_version = $model_version
+),
+probe AS (
+  SELECT embedding FROM (SELECT embedding FROM selected WHERE image_id = $image_id LIMIT 1)
+  UNION ALL
+  SELECT CAST($vector AS DOUBLE[]) AS embedding WHERE len($vector) > 0
+)
+SELECT s.image_id, s.uri, s.label, s.split, list_cosine_similarity(s.embedding, p.embedding) AS similarity
+FROM selected AS s CROSS JOIN probe AS p
+WHERE s.image_id != $image_id
+ORDER BY similarity DESC, s.image_id
+LIMIT $k""",
+)
+
+# Shared CTEs: per-label mean vectors. The centroid is not normalized; cosine
+# similarity ignores its length.
+_BQ_CENTROIDS = """
+selected AS (
+  SELECT image_id, uri, label, split, embedding FROM {table}
+  WHERE model_version = @model_version AND label IS NOT NULL
+),
+components AS (
+  SELECT label, dim, AVG(value) AS value
+  FROM (SELECT label, value, i AS dim FROM selected, UNNEST(embedding) AS value WITH OFFSET AS i)
+  GROUP BY label, dim
+),
+centroids AS (
+  SELECT label, ARRAY_AGG(value ORDER BY dim) AS centroid FROM components GROUP BY label
+)"""
+_DUCKDB_CENTROIDS = """
+selected AS (
+  SELECT image_id, uri, label, split, CAST(embedding AS DOUBLE[]) AS embedding FROM {table}
+  WHERE model_version = $model_version AND label IS NOT NULL
+),
+components AS (
+  SELECT label, dim, AVG(value) AS value
+  FROM (SELECT label, unnest(embedding) AS value, generate_subscripts(embedding, 1) AS dim FROM selected)
+  GROUP BY label, dim
+),
+centroids AS (
+  SELECT label, list(value ORDER BY dim) AS centroid FROM components GROUP BY label
+)"""
+
+LABEL_CENTROIDS = NamedQuery(
+    name="label_centroids",
+    description="Per label: image count, mean cosine similarity of its images to the label's mean vector, "
+                "and that mean vector (centroid).",
+    params=(),
+    bigquery=f"""
+WITH {_BQ_CENTROIDS},
+cohesion AS (
+  SELECT c.label, COUNT(*) AS images, AVG(1 - COSINE_DISTANCE(s.embedding, c.centroid)) AS mean_similarity
+  FROM centroids AS c JOIN selected AS s ON s.label = c.label
+  GROUP BY c.label
+)
+SELECT c.label, h.images, h.mean_similarity, c.centroid
+FROM centroids AS c JOIN cohesion AS h ON h.label = c.label
+ORDER BY c.label""",
+    duckdb=f"""
+WITH {_DUCKDB_CENTROIDS},
+cohesion AS (
+  SELECT c.label, COUNT(*) AS images, AVG(list_cosine_similarity(s.embedding, c.centroid)) AS mean_similarity
+  FROM centroids AS c JOIN selected AS s ON s.label = c.label
+  GROUP BY c.label
+)
+SELECT c.label, h.images, h.mean_similarity, c.centroid
+FROM centroids AS c JOIN cohesion AS h ON h.label = c.label
+ORDER BY c.label""",
+)
+
+LABEL_OUTLIERS = NamedQuery(
+    name="label_outliers",
+    description="Images closer to another label's centroid than to their own (likely labeling errors) first: "
+                "ordered by margin = own_similarity - nearest_other_similarity, ascending.",
+    params=(_LIMIT,),
+    check=_check_limit,
+    bigquery=f"""
+WITH {_BQ_CENTROIDS},
+scored AS (
+  SELECT s.image_id, s.uri, s.label, s.split, c.label AS centroid_label,
+         1 - COSINE_DISTANCE(s.embedding, c.centroid) AS similarity
+  FROM selected AS s CROSS JOIN centroids AS c
+),
+own AS (
+  SELECT image_id, uri, label, split, similarity AS own_similarity FROM scored WHERE centroid_label = label
+),
+other AS (
+  SELECT image_id, centroid_label AS nearest_other_label, similarity AS nearest_other_similarity
+  FROM (
+    SELECT image_id, centroid_label, similarity,
+           ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY similarity DESC, centroid_label) AS rank
+    FROM scored WHERE centroid_label != label
+  )
+  WHERE rank = 1
+)
+SELECT o.image_id, o.uri, o.label, o.split, o.own_similarity, x.nearest_other_label,
+       x.nearest_other_similarity, o.own_similarity - x.nearest_other_similarity AS margin
+FROM own AS o JOIN other AS x ON x.image_id = o.image_id
+ORDER BY margin, o.image_id
+LIMIT @limit""",
+    duckdb=f"""
+WITH {_DUCKDB_CENTROIDS},
+scored AS (
+  SELECT s.image_id, s.uri, s.label, s.split, c.label AS centroid_label,
+         list_cosine_similarity(s.embedding, c.centroid) AS similarity
+  FROM selected AS s CROSS JOIN centroids AS c
+),
+own AS (
+  SELECT image_id, uri, label, split, similarity AS own_similarity FROM scored WHERE centroid_label = label
+),
+other AS (
+  SELECT image_id, centroid_label AS nearest_other_label, similarity AS nearest_other_similarity
+  FROM (
+    SELECT image_id, centroid_label, similarity,
+           ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY similarity DESC, centroid_label) AS rank
+    FROM scored WHERE centroid_label != label
+  )
+  WHERE rank = 1
+)
+SELECT o.image_id, o.uri, o.label, o.split, o.own_similarity, x.nearest_other_label,
+       x.nearest_other_similarity, o.own_similarity - x.nearest_other_similarity AS margin
+FROM own AS o JOIN other AS x ON x.image_id = o.image_id
+ORDER BY margin, o.image_id
+LIMIT $limit""",
+)
+
+# Blocking: every row joins the blocks of its block_dims largest coordinates,
+# and only pairs sharing a block are scored, instead of all n^2 pairs.
+# Identical vectors always share blocks; near-identical ones almost always do.
+NEAR_DUPLICATES = NamedQuery(
+    name="near_duplicates",
+    description="Pairs of images with cosine similarity >= threshold, scored only within blocks "
+                "(rows sharing one of their block_dims largest embedding coordinates).",
+    params=(
+        QueryParam("threshold", "float64", "Minimum cosine similarity of a pair.", default=0.95),
+        QueryParam("block_dims", "int64", "Blocks per row: its largest coordinates (more = higher recall, "
+                   "more pairs scored).", default=2),
+        QueryParam("limit", "int64", "Maximum pairs to return.", default=100),
+    ),
+    check=_check_near_duplicates,
+    bigquery="""
+WITH selected AS (
+  SELECT image_id, uri, embedding FROM {table} WHERE model_version = @model_version
+),
+blocks AS (
+  SELECT image_id, dim FROM (
+    SELECT image_id, dim, ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY value DESC, dim) AS rank
+    FROM (SELECT image_id, value, i AS dim FROM selected, UNNEST(embedding) AS value WITH OFFSET AS i)
+  )
+  WHERE rank <= @block_dims
+),
+candidates AS (
+  SELECT DISTINCT a.image_id AS image_id_a, b.image_id AS image_id_b
+  FROM blocks AS a JOIN blocks AS b ON a.dim = b.dim AND a.image_id < b.image_id
+),
+pairs AS (
+  SELECT c.image_id_a, a.uri AS uri_a, c.image_id_b, b.uri AS uri_b,
+         1 - COSINE_DISTANCE(a.embedding, b.embedding) AS similarity
+  FROM candidates AS c
+  JOIN selected AS a ON a.image_id = c.image_id_a
+  JOIN selected AS b ON b.image_id = c.image_id_b
+)
+SELECT image_id_a, uri_a, image_id_b, uri_b, similarity FROM pairs
+WHERE similarity >= @threshold
+ORDER BY similarity DESC, image_id_a, image_id_b
+LIMIT @limit""",
+    duckdb="""
+WITH selected AS (
+  SELECT image_id, uri, CAST(embedding AS DOUBLE[]) AS embedding FROM {table} WHERE model_version = $model_version
+),
+blocks AS (
+  SELECT image_id, dim FROM (
+    SELECT image_id, dim, ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY value DESC, dim) AS rank
+    FROM (SELECT image_id, unnest(embedding) AS value, generate_subscripts(embedding, 1) AS dim FROM selected)
+  )
+  WHERE rank <= $block_dims
+),
+candidates AS (
+  SELECT DISTINCT a.image_id AS image_id_a, b.image_id AS image_id_b
+  FROM blocks AS a JOIN blocks AS b ON a.dim = b.dim AND a.image_id < b.image_id
+),
+pairs AS (
+  SELECT c.image_id_a, a.uri AS uri_a, c.image_id_b, b.uri AS uri_b,
+         list_cosine_similarity(a.embedding, b.embedding) AS similarity
+  FROM candidates AS c
+  JOIN selected AS a ON a.image_id = c.image_id_a
+  JOIN selected AS b ON b.image_id = c.image_id_b
+)
+SELECT image_id_a, uri_a, image_id_b, uri_b, similarity FROM pairs
+WHERE similarity >= $threshold
+ORDER BY similarity DESC, image_id_a, image_id_b
+LIMIT $limit""",
+)
+
+STATS = NamedQuery(
+    name="stats",
+    description="Row and image counts, embedding dimension and time range per label and split.",
+    params=(),
+    bigquery="""
+SELECT model_version, label, split, COUNT(*) AS row_count, COUNT(DISTINCT image_id) AS images,
+       MIN(ARRAY_LENGTH(embedding)) AS min_dim, MAX(ARRAY_LENGTH(embedding)) AS max_dim,
+       MIN(created_at) AS first_created_at, MAX(created_at) AS last_created_at
+FROM {table} WHERE model_version = @model_version
+GROUP BY model_version, label, split
+ORDER BY label NULLS FIRST, split NULLS FIRST""",
+    duckdb="""
+SELECT model_version, label, split, COUNT(*) AS row_count, COUNT(DISTINCT image_id) AS images,
+       MIN(len(embedding)) AS min_dim, MAX(len(embedding)) AS max_dim,
+       MIN(created_at) AS first_created_at, MAX(created_at) AS last_created_at
+FROM {table} WHERE model_version = $model_version
+GROUP BY model_version, label, split
+ORDER BY label NULLS FIRST, split NULLS FIRST""",
+)
+
+VERSIONS = NamedQuery(
+    name="versions",
+    description="Every model_version in the table, newest first: the one query that spans versions.",
+    params=(),
+    by_model_version=False,
+    bigquery="""
+SELECT model_version, COUNT(*) AS row_count, COUNT(DISTINCT image_id) AS images,
+       MIN(created_at) AS first_created_at, MAX(created_at) AS last_created_at
+FROM {table}
+GROUP BY model_version
+ORDER BY last_created_at DESC, model_version DESC""",
+    duckdb="""
+SELECT model_version, COUNT(*) AS row_count, COUNT(DISTINCT image_id) AS images,
+       MIN(created_at) AS first_created_at, MAX(created_at) AS last_created_at
+FROM {table}
+GROUP BY model_version
+ORDER BY last_created_at DESC, model_version DESC""",
+)
+
+NAMED_QUERIES: dict[str, NamedQuery] = {
+    q.name: q for q in (NEIGHBORS, LABEL_CENTROIDS, LABEL_OUTLIERS, NEAR_DUPLICATES, STATS, VERSIONS)
+}
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class SqlEngine(Protocol):
+    """Runs SQL with bound parameters against one warehouse table."""
+
+    dialect: Dialect
+    table_sql: str  # The table name, quoted for this dialect.
+
+    def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult: ...
+
+    def close(self) -> None: ...
+
+
+def _normalize(value: Any) -> Any:
+    """Gives both engines' values one Python form: UTC datetimes, floats, lists."""
+    if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+        return value.astimezone(datetime.timezone.utc)
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    return value
+
+
+class DuckDBSqlEngine:
+    """A DuckDB file (opened read-only) or Parquet files exposed as a view."""
+
+    dialect: Dialect = "duckdb"
+
+    def __init__(self, warehouse: WarehouseUri):
+        import duckdb
+
+        self.table_sql = f'"{warehouse.table}"'
+        if warehouse.kind == "duckdb":
+            self._connection = duckdb.connect(warehouse.location, read_only=True)
+        else:
+            self._connection = duckdb.connect()
+            self._register_parquet(warehouse)
+        self._connection.execute("SET TimeZone = 'UTC'")
+
+    def _register_parquet(self, warehouse: WarehouseUri) -> None:
+        """Local files are scanned lazily; other filesystems (gs://) are read through Beam's FileSystems."""
+        from apache_beam.io.filesystems import FileSystems
+
+        from transforms.warehouse import parquet_table_glob
+
+        pattern = parquet_table_glob(warehouse)
+        paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        if not paths:
+            raise QueryError(f"no Parquet files match {pattern}")
+        if "://" not in warehouse.location:
+            self._connection.read_parquet(paths).create_view(warehouse.table)
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for path in paths:
+            with FileSystems.open(path) as handle:
+                tables.append(pq.read_table(pa.BufferReader(handle.read())))
+        self._connection.register(warehouse.table, pa.concat_tables(tables))
+
+    def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult:
+        bound = {param.name: value for param, value in params}
+        cursor = self._connection.execute(sql, bound) if bound else self._connection.execute(sql)
+        if cursor.description is None:
+            return QueryResult([], [])
+        columns = [d[0] for d in cursor.description]
+        return QueryResult(columns, [tuple(_normalize(v) for v in row) for row in cursor.fetchall()])
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+_BIGQUERY_TYPES = {"string": "STRING", "int64": "INT64", "float64": "FLOAT64"}
+
+
+class BigQuerySqlEngine:
+    """A BigQuery table, queried through google-cloud-bigquery with query parameters."""
+
+    dialect: Dialect = "bigquery"
+
+    def __init__(self, warehouse: WarehouseUri):
+        from google.cloud import bigquery
+
+        self._bigquery = bigquery
+        self._client = bigquery.Client(project=warehouse.bigquery_project)
+        self.table_sql = f"`{warehouse.location}`"
+
+    def _parameter(self, param: QueryParam, value: Any) -> Any:
+        if param.kind == "float64_array":
+            return self._bigquery.ArrayQueryParameter(param.name, "FLOAT64", [float(v) for v in value])
+        return self._bigquery.ScalarQueryParameter(param.name, _BIGQUERY_TYPES[param.kind], value)
+
+    def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult:
+        config = self._bigquery.QueryJobConfig(query_parameters=[self._parameter(p, v) for p, v in params])
+        result = self._client.query(sql, job_config=config).result()
+        columns = [field.name for field in result.schema]
+        return QueryResult(columns, [tuple(_normalize(v) for v in row.values()) for row in result])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_engine(warehouse_uri: str) -> SqlEngine:
+    """Opens the engine that reads a warehouse URI's embeddings table (``schemas.warehouse``)."""
+    warehouse = parse_warehouse_uri(warehouse_uri, EMBEDDINGS_TABLE.default_table)
+    if warehouse.kind == "bigquery":
+        return BigQuerySqlEngine(warehouse)
+    return DuckDBSqlEngine(warehouse)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _coerce(param: QueryParam, value: Any) -> Any:
+    """Converts a CLI string or Python value to the parameter's type, quoting the bad value."""
+    try:
+        if param.kind == "string":
+            return str(value)
+        if param.kind == "int64":
+            return int(value)
+        if param.kind == "float64":
+            return float(value)
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        return [float(v) for v in value]
+    except (TypeError, ValueError) as error:
+        raise QueryError(f"{param.name} must be {param.kind}. Received `{param.name}={value!r}`") from error
+
+
+_MODEL_VERSION = QueryParam(MODEL_VERSION_PARAM, "string", "The model_version to read (default: the newest).")
+
+
+def bind_params(query: NamedQuery, given: Mapping[str, Any]) -> list[tuple[QueryParam, Any]]:
+    """Checks and types a named query's parameters, filling defaults.
+
+    Args:
+      query: The query.
+      given: Parameter values by name (None = not given); ``model_version``
+        must already be resolved for version-scoped queries.
+
+    Raises:
+      QueryError: Unknown parameter, wrong type, or the query's own check fails.
+    """
+    known = {p.name for p in query.params} | ({MODEL_VERSION_PARAM} if query.by_model_version else set())
+    unknown = sorted(name for name, value in given.items() if value is not None and name not in known)
+    if unknown:
+        raise QueryError(f"{query.name} takes {sorted(known) or 'no parameters'}; received {unknown}")
+    values: dict[str, Any] = {}
+    bound: list[tuple[QueryParam, Any]] = []
+    params = query.params + ((_MODEL_VERSION,) if query.by_model_version else ())
+    for param in params:
+        value = given.get(param.name)
+        if value is None:
+            value = param.default
+        values[param.name] = None if value is None else _coerce(param, value)
+    if query.check is not None:
+        query.check(values)
+    for param in params:
+        value = values[param.name]
+        bound.append((param, param.absent if value is None else value))
+    return bound
+
+
+def newest_model_version(engine: SqlEngine) -> str:
+    """The model_version whose rows were created last.
+
+    Raises:
+      QueryError: The table has no rows.
+    """
+    result = engine.execute(_NEWEST_MODEL_VERSION.sql(engine.dialect).format(table=engine.table_sql), [])
+    if not result.rows:
+        raise QueryError("the embeddings table is empty: no model_version to query")
+    return str(result.rows[0][0])
+
+
+def run_named_query(engine: SqlEngine, name: str, params: Mapping[str, Any] | None = None) -> QueryResult:
+    """Runs a named query with bound parameters.
+
+    Args:
+      engine: From ``open_engine``.
+      name: A key of ``NAMED_QUERIES``.
+      params: Parameter values by name (strings are converted); a missing
+        ``model_version`` means the newest.
+
+    Returns:
+      The rows, with the model_version that was queried.
+
+    Raises:
+      QueryError: Unknown query or bad parameters.
+    """
+    if name not in NAMED_QUERIES:
+        raise QueryError(f"unknown query {name!r}; named queries are {sorted(NAMED_QUERIES)}")
+    query = NAMED_QUERIES[name]
+    given = dict(params or {})
+    model_version = None
+    if query.by_model_version:
+        model_version = given.get(MODEL_VERSION_PARAM) or newest_model_version(engine)
+        given[MODEL_VERSION_PARAM] = model_version
+    bound = bind_params(query, given)
+    result = engine.execute(query.sql(engine.dialect).format(table=engine.table_sql), bound)
+    return dataclasses.replace(result, model_version=model_version)
+
+
+def run_sql(engine: SqlEngine, sql: str) -> QueryResult:
+    """Runs the user's own SQL; ``{table}`` in it stands for the embeddings table."""
+    return engine.execute(sql.replace("{table}", engine.table_sql), [])
