@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "make-sample-data": "beam_jobs.make_sample_data",
     "create-dataset": "beam_jobs.create_dataset",
+    "batch-predict": "beam_jobs.batch_predict",
 }
 
 

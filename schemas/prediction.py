@@ -9,6 +9,7 @@ parallel lists keep the same shape in JSON, Arrow/Parquet and BigQuery.
 from __future__ import annotations
 
 from schemas.fields import Field, RecordSchema
+from schemas.warehouse import TableSpec
 
 IMAGE_ID = "image_id"
 URI = "uri"
@@ -38,6 +39,13 @@ PREDICTION_RECORD = RecordSchema(
               "a slice column for evaluation.", nullable=True),
         Field(MODEL_VERSION, "string", "model_version from model_info.json of the model that predicted."),
     ),
+)
+
+# How predictions are stored as a warehouse table (bigquery:, parquet:, duckdb:).
+PREDICTIONS_TABLE = TableSpec(
+    record=PREDICTION_RECORD,
+    default_table="predictions",
+    clustering_fields=(MODEL_VERSION, LABEL),
 )
 
 # Columns eval.json can be sliced by (besides the true label, always sliced).

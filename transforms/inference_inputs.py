@@ -129,6 +129,7 @@ class FileToRowFn(beam.DoFn):
         yield ManifestRow(uri=metadata.path, label="", input_ref=metadata.path)
 
 
+@beam.typehints.with_output_types(KeyedImage, dead_letters=DeadLetter)
 class LoadImageFn(beam.DoFn):
     """Reads and validates one listed image: ``ManifestRow`` -> ``(image_id, ImageInput)``.
 
@@ -151,6 +152,7 @@ class LoadImageFn(beam.DoFn):
         )
 
 
+@beam.typehints.with_output_types(KeyedImage, dead_letters=DeadLetter)
 class ParseDatasetRecordFn(beam.DoFn):
     """Parses and validates one create_dataset tf.Example: bytes -> ``(image_id, ImageInput)``."""
 

@@ -23,6 +23,8 @@ import hashlib
 import logging
 import math
 import threading
+import uuid
+import weakref
 from typing import Any, Iterable, Mapping, Sequence
 
 import apache_beam as beam
@@ -221,6 +223,9 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
         super().__init__(large_model=large_model, model_copies=model_copies)
         self._model_dir = model_dir
         self._info = ModelInfo.read(model_dir)
+        # One token per handler (per pipeline), pickled to workers with it: the
+        # steps of one pipeline share a model copy, separate pipelines don't.
+        self._token = uuid.uuid4().hex
         # Passed to BatchElements directly: ModelHandler's own max_batch_weight
         # kwarg is not accepted by BatchElements in Beam 2.77.
         self._batch_kwargs = {
@@ -240,8 +245,14 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
         return f"image-model-{self._info.model_version}-{digest}"
 
     def load_model(self) -> LoadedImageModel:
-        _LOGGER.info("Loading model %s (version %s)", self._model_dir, self._info.model_version)
-        return LoadedImageModel(self._model_dir)
+        """Loads the SavedModel, or returns this pipeline's copy already live in the process."""
+        with _LIVE_MODELS_LOCK:
+            model = _LIVE_MODELS.get(self._token)
+            if model is None:
+                _LOGGER.info("Loading model %s (version %s)", self._model_dir, self._info.model_version)
+                model = LoadedImageModel(self._model_dir)
+                _LIVE_MODELS[self._token] = model
+            return model
 
     def run_inference(
         self,
@@ -289,6 +300,13 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
             raise ValueError(f"ImageModelHandler takes no inference_args. Received `inference_args={inference_args}`")
 
 
+# Models loaded in this process, by handler token: RunInference's DoFn and the
+# retry DoFn each hold a Shared handle of their own, and this lets them find
+# one copy. Weak values: the Shared handles decide how long a copy lives.
+_LIVE_MODELS: "weakref.WeakValueDictionary[str, LoadedImageModel]" = weakref.WeakValueDictionary()
+_LIVE_MODELS_LOCK = threading.Lock()
+
+
 def _to_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -301,13 +319,14 @@ def elements_of_failed_batch(failure: tuple[Sequence[KeyedImage], Any]) -> Itera
     yield from batch
 
 
+@beam.typehints.with_output_types(KeyedPrediction, dead_letters=DeadLetter)
 class PredictElementFn(beam.DoFn):
     """Predicts one image at a time: the retry path for batches that failed.
 
-    The model is acquired on first use rather than in ``setup``: batches
-    rarely fail, and most processes should never hold a second copy. When the
-    handler shares its model across processes, the retry uses the very copy
-    ``RunInference`` loaded (same ``MultiProcessShared`` tag).
+    The model is acquired on first use rather than in ``setup``, because
+    batches rarely fail; it is the copy ``RunInference`` already loaded in this
+    process (``ImageModelHandler.load_model``), or, when the handler shares its
+    model across processes, the same ``MultiProcessShared`` copy.
     """
 
     DEAD_LETTERS = "dead_letters"
