@@ -429,7 +429,10 @@ class DuckDBSqlEngine:
 
         self.table_sql = f'"{warehouse.table}"'
         if warehouse.kind == "duckdb":
-            self._connection = duckdb.connect(warehouse.location, read_only=True)
+            try:
+                self._connection = duckdb.connect(warehouse.location, read_only=True)
+            except duckdb.Error as error:
+                raise QueryError(f"cannot open DuckDB warehouse {warehouse.location}: {error}") from error
         else:
             self._connection = duckdb.connect()
             self._register_parquet(warehouse)
@@ -458,8 +461,13 @@ class DuckDBSqlEngine:
         self._connection.register(warehouse.table, pa.concat_tables(tables))
 
     def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult:
+        import duckdb
+
         bound = {param.name: value for param, value in params}
-        cursor = self._connection.execute(sql, bound) if bound else self._connection.execute(sql)
+        try:
+            cursor = self._connection.execute(sql, bound) if bound else self._connection.execute(sql)
+        except duckdb.Error as error:
+            raise QueryError(f"DuckDB: {error}") from error
         if cursor.description is None:
             return QueryResult([], [])
         columns = [d[0] for d in cursor.description]
@@ -490,8 +498,13 @@ class BigQuerySqlEngine:
         return self._bigquery.ScalarQueryParameter(param.name, _BIGQUERY_TYPES[param.kind], value)
 
     def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult:
+        from google.api_core import exceptions
+
         config = self._bigquery.QueryJobConfig(query_parameters=[self._parameter(p, v) for p, v in params])
-        result = self._client.query(sql, job_config=config).result()
+        try:
+            result = self._client.query(sql, job_config=config).result()
+        except exceptions.BadRequest as error:
+            raise QueryError(f"BigQuery: {error.message}") from error
         columns = [field.name for field in result.schema]
         return QueryResult(columns, [tuple(_normalize(v) for v in row.values()) for row in result])
 

@@ -1,0 +1,188 @@
+"""SQL over an embeddings warehouse: named queries with bound parameters, or your own SQL.
+
+Not a Beam pipeline: it runs one query on the engine that holds the table
+(BigQuery, or DuckDB for ``duckdb:`` and ``parquet:`` warehouses) and prints
+the rows.
+
+Inputs: ``--warehouse`` (``bigquery:PROJECT.DATASET.TABLE``, ``duckdb:PATH``
+or ``parquet:DIR``, as written by extract_embeddings) and either
+``--query NAME`` with that query's parameters or ``--sql "..."`` where
+``{table}`` stands for the embeddings table.
+Output: the rows on stdout as an aligned table, CSV or a JSON array.
+
+Example::
+
+    vision-pipelines sql --warehouse duckdb:out/warehouse.duckdb \
+        --query neighbors --image_id 3f1c... --k 5
+    vision-pipelines sql --warehouse bigquery:my-proj.vision.embeddings \
+        --query label_outliers --limit 20 --format csv
+    vision-pipelines sql --warehouse duckdb:out/warehouse.duckdb \
+        --sql "SELECT label, COUNT(*) AS n FROM {table} GROUP BY label"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import logging
+import sys
+from typing import Any, Literal
+
+from transforms.sql_queries import (
+    MODEL_VERSION_PARAM,
+    NAMED_QUERIES,
+    QueryError,
+    QueryResult,
+    open_engine,
+    run_named_query,
+    run_sql,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+OutputFormat = Literal["table", "csv", "json"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "csv", "json")
+_TABLE_VECTOR_VALUES = 4  # Vector cells show this many values in the terminal table.
+
+
+@dataclasses.dataclass(frozen=True)
+class SqlConfig:
+    """Validated command line of the sql command."""
+
+    warehouse: str
+    query: str | None
+    sql: str | None
+    params: dict[str, Any]
+    output_format: OutputFormat
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vision-pipelines sql",
+        description="Run a named query or your own SQL on an embeddings warehouse.",
+        epilog="named queries:\n" + "\n".join(
+            f"  {q.name}: {q.description}" for q in NAMED_QUERIES.values()
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--warehouse", required=True,
+                        help="bigquery:PROJECT.DATASET.TABLE, duckdb:PATH[#TABLE] or parquet:DIR[#TABLE].")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--query", choices=sorted(NAMED_QUERIES), help="A named query.")
+    what.add_argument("--sql", help="Your own SQL; {table} stands for the embeddings table.")
+    parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="table",
+                        help="Output: aligned table (default), csv or json.")
+    parameters = parser.add_argument_group("query parameters (each query takes those it lists)")
+    parameters.add_argument(f"--{MODEL_VERSION_PARAM}", help="The model_version to read (default: the newest).")
+    seen = {MODEL_VERSION_PARAM}
+    for query in NAMED_QUERIES.values():
+        for param in query.params:
+            if param.name not in seen:
+                seen.add(param.name)
+                default = f" Default: {param.default}." if param.default is not None else ""
+                parameters.add_argument(f"--{param.name}", help=f"{param.help}{default}")
+    parser.set_defaults(param_names=sorted(seen))
+    return parser
+
+
+def parse_config(argv: list[str]) -> SqlConfig:
+    """Parses and checks the command line; argparse exits with status 2 on errors."""
+    args = _parser().parse_args(argv)
+    params = {name: getattr(args, name) for name in args.param_names if getattr(args, name) is not None}
+    if args.sql is not None and params:
+        raise QueryError(f"--sql takes no query parameters; received {sorted(params)}")
+    return SqlConfig(args.warehouse, args.query, args.sql, params, args.output_format)
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, list):
+        shown = ", ".join(_cell_text(v) for v in value[:_TABLE_VECTOR_VALUES])
+        more = f", ... ({len(value)} values)" if len(value) > _TABLE_VECTOR_VALUES else ""
+        return f"[{shown}{more}]"
+    return str(value)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def format_table(result: QueryResult) -> str:
+    """Aligned columns for the terminal, vectors abbreviated, with a row count."""
+    cells = [[_cell_text(v) for v in row] for row in result.rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(result.columns)]
+    numeric = [all(isinstance(row[i], (int, float)) for row in result.rows if row[i] is not None)
+               for i in range(len(result.columns))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    lines = [line(list(result.columns)), line(["-" * w for w in widths])]
+    lines += [line(row) for row in cells]
+    footer = f"({len(result.rows)} row{'s' if len(result.rows) != 1 else ''}"
+    footer += f", model_version {result.model_version})" if result.model_version else ")"
+    return "\n".join(lines + [footer]) + "\n"
+
+
+def format_csv(result: QueryResult) -> str:
+    """CSV with a header; vectors as JSON arrays, NULL as an empty field."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(result.columns)
+    for row in result.rows:
+        writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, list) else _json_value(v) for v in row])
+    return buffer.getvalue()
+
+
+def format_json(result: QueryResult) -> str:
+    """A JSON array of objects, one per row."""
+    return json.dumps([{c: _json_value(v) for c, v in zip(result.columns, row)} for row in result.rows],
+                      indent=1) + "\n"
+
+
+_FORMATTERS = {"table": format_table, "csv": format_csv, "json": format_json}
+
+
+def _execute(config: SqlConfig) -> QueryResult:
+    engine = open_engine(config.warehouse)
+    try:
+        if config.sql is not None:
+            return run_sql(engine, config.sql)
+        return run_named_query(engine, str(config.query), config.params)
+    finally:
+        engine.close()
+
+
+def run(argv: list[str] | None = None) -> QueryResult:
+    """Parses the command line, runs the query and returns its rows."""
+    return _execute(parse_config(list(sys.argv[1:] if argv is None else argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command and prints the rows; bad queries or parameters exit with status 2."""
+    try:
+        config = parse_config(list(sys.argv[1:] if argv is None else argv))
+        result = _execute(config)
+    except QueryError as error:
+        sys.stderr.write(f"vision-pipelines sql: error: {error}\n")
+        return 2
+    sys.stdout.write(_FORMATTERS[config.output_format](result))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())
