@@ -96,6 +96,8 @@ def check_image(data: bytes, max_pixels: int) -> None:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
         raise RejectedInput(images.NOT_AN_IMAGE, "not a decodable image (JPEG, PNG, GIF, BMP, ...)") from error
+    except (OSError, SyntaxError, ValueError) as error:  # A known format whose header is cut or broken.
+        raise RejectedInput(images.CORRUPT_IMAGE, f"image header is truncated or corrupt: {error}") from error
     width, height = image.size
     if width * height > max_pixels:
         raise RejectedInput(
