@@ -140,6 +140,7 @@ class BuildRecordFn(beam.DoFn):
     def __init__(self, split_spec: SplitSpec, dedupe: DedupeMode):
         self._split_spec = split_spec
         self._dedupe = dedupe
+        self._written = Metrics.counter(METRICS_NAMESPACE, "written")
 
     def process(self, image: LoadedImage, labels: list[str]) -> Iterable[dict[str, Any]]:
         try:
@@ -148,6 +149,7 @@ class BuildRecordFn(beam.DoFn):
             raise RejectedInput(UNKNOWN_LABEL, f"label {image.label!r} is not in the labels file") from None
         image_id = image_id_for_content(image.sha256) if self._dedupe == "content" else image_id_for_uri(image.uri)
         normalized = image.image
+        self._written.inc()
         yield {
             dataset.IMAGE_ID: image_id,
             dataset.URI: image.uri,
