@@ -78,13 +78,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="Output: aligned table (default), csv or json.")
     parameters = parser.add_argument_group("query parameters (each query takes those it lists)")
     parameters.add_argument(f"--{MODEL_VERSION_PARAM}", help="The model_version to read (default: the newest).")
-    seen = {MODEL_VERSION_PARAM}
+    by_name: dict[str, list[tuple[str, Any, str]]] = {}
     for query in NAMED_QUERIES.values():
         for param in query.params:
-            if param.name not in seen:
-                seen.add(param.name)
-                default = f" Default: {param.default}." if param.default is not None else ""
-                parameters.add_argument(f"--{param.name}", help=f"{param.help}{default}")
+            by_name.setdefault(param.name, []).append((query.name, param.default, param.help))
+    for name, uses in by_name.items():
+        defaults = ", ".join(f"{q} {d}" for q, d, _ in uses if d is not None)
+        note = f" Default: {defaults}." if defaults else ""
+        parameters.add_argument(f"--{name}", help=f"{uses[0][2]} Used by {', '.join(q for q, _, _ in uses)}.{note}")
+    seen = {MODEL_VERSION_PARAM, *by_name}
     parser.set_defaults(param_names=sorted(seen))
     return parser
 
