@@ -19,6 +19,7 @@ RUNTIME_REQUIREMENTS = [
     "duckdb>=1.1",
     "matplotlib>=3.8",
     "PyYAML>=6",
+    "tensorboard>=2.20",  # TensorBoard logs during training (TF 2.21 no longer installs it)
 ]
 
 TEST_REQUIREMENTS = [

@@ -117,7 +117,9 @@ def _conv_block(x, filters: int, block_id: int):
     for conv_id in (1, 2):
         prefix = f"block{block_id}_conv{conv_id}"
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=prefix)(x)
-        x = layers.BatchNormalization(name=f"{prefix}_bn")(x)
+        # Momentum 0.9 (not 0.99): with tens of steps per epoch on small datasets
+        # the moving statistics must settle within an epoch or validation lags.
+        x = layers.BatchNormalization(momentum=0.9, name=f"{prefix}_bn")(x)
         x = layers.ReLU(name=f"{prefix}_relu")(x)
     return x
 
