@@ -1,0 +1,264 @@
+"""extract_embeddings: the exported model's embedding of every image, into a SQL warehouse.
+
+Inputs (``--input``): the same as batch_predict: a manifest CSV of
+``uri[,label]`` rows, a glob of image files (local or gs://), or
+create_dataset TFRecords (a dataset directory or a shard glob; these carry
+label and split). ``--model_dir`` is a model directory written by train.
+
+Output (``--warehouse``): one ``schemas.embedding.EMBEDDING_RECORD`` row per
+image (image_id, uri, label, split, the model's L2-normalized ``embedding``,
+model_version, created_at) in
+
+- ``duckdb:PATH[#TABLE]`` (default ``duckdb:warehouse.duckdb``): a DuckDB file;
+- ``parquet:DIR[#TABLE]``: Parquet files under ``DIR/TABLE/``;
+- ``bigquery:PROJECT.DATASET.TABLE``: FILE_LOADS, needs ``--temp_location gs://...``;
+  the table is created day-partitioned on created_at and clustered by
+  model_version, label.
+
+plus ``rejected-*.jsonl`` dead letters in ``--artifacts_dir`` (default: the
+DuckDB file's or Parquet root's directory). The job prints ``read``,
+``embedded`` and ``rejected`` counts; read = embedded + rejected. Query the
+table with ``vision-pipelines sql``.
+
+Example:
+  vision-pipelines extract-embeddings --model_dir out/model/best \\
+      --input out/dataset --warehouse duckdb:out/warehouse.duckdb
+  vision-pipelines sql --warehouse duckdb:out/warehouse.duckdb --query neighbors --image_id ID --k 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import sys
+from typing import Any, Iterable
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult
+
+from schemas import embedding as embedding_schema
+from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri
+from transforms import model_handler
+from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters
+from transforms.images import ImageSpec
+from transforms.inference_inputs import INPUT_KINDS, READ_COUNTER, InputSpec, ReadImageInputs
+from transforms.model_handler import ImageModelHandler, KeyedPrediction, ModelOutputs, PredictImages
+from transforms.runner_policy import make_pipeline_options
+from transforms.warehouse import WriteEmbeddings
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_WAREHOUSE = "duckdb:warehouse.duckdb"
+EMBEDDED_COUNTER = "embedded"
+REJECTED_COUNTER = "rejected"
+
+
+def _tolerate_shared_flags(parser: argparse.ArgumentParser) -> None:
+    """Lets flags this job shares with other jobs (``--model_dir``, ``--input``, ...) coexist.
+
+    Beam parses the flags of every imported PipelineOptions subclass with one
+    parser; with "resolve" a later definition replaces an earlier one there,
+    while each job's own view still parses its flags with its definitions.
+    """
+    for container in (parser, *parser._action_groups):  # Groups keep their own copy of the handler.
+        container.conflict_handler = "resolve"
+
+
+class ExtractEmbeddingsOptions(PipelineOptions):
+    """The job's own flags; every other flag is a standard Beam option."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        _tolerate_shared_flags(parser)
+        parser.add_argument("--model_dir", default=None, help="Exported model dir (saved_model/, model_info.json).")
+        parser.add_argument("--input", default=None,
+                            help="Manifest CSV (uri[,label]), image glob, or dataset dir / TFRecord glob.")
+        parser.add_argument("--input_format", choices=("auto", *INPUT_KINDS), default="auto")
+        parser.add_argument("--warehouse", default=DEFAULT_WAREHOUSE,
+                            help="bigquery:PROJECT.DATASET.TABLE, duckdb:PATH[#TABLE] or parquet:DIR[#TABLE].")
+        parser.add_argument("--write_disposition", choices=WRITE_DISPOSITIONS, default="append",
+                            help="Append rows to the table or replace its contents.")
+        parser.add_argument("--artifacts_dir", default=None,
+                            help="Where rejected-*.jsonl goes (default: beside a DuckDB file / the Parquet root).")
+        parser.add_argument("--min_batch_size", type=int, default=model_handler.DEFAULT_MIN_BATCH_SIZE)
+        parser.add_argument("--max_batch_size", type=int, default=model_handler.DEFAULT_MAX_BATCH_SIZE)
+        parser.add_argument("--max_batch_bytes", type=int, default=model_handler.DEFAULT_MAX_BATCH_BYTES,
+                            help="Cap on the encoded bytes of one batch, so large images don't blow memory.")
+        parser.add_argument("--large_model", action="store_true",
+                            help="One model copy per machine shared by its processes (for big models).")
+        parser.add_argument("--model_copies", type=int, default=None,
+                            help="Exact model copies per machine (shares across processes).")
+        parser.add_argument("--max_pixels", type=int, default=ImageSpec.max_pixels,
+                            help="Reject images with more pixels before decoding.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractEmbeddingsConfig:
+    """Validated job configuration, built once from the options."""
+
+    model_dir: str
+    input_spec: InputSpec
+    warehouse_uri: str
+    artifacts_dir: str
+    write_disposition: str
+    min_batch_size: int
+    max_batch_size: int
+    max_batch_bytes: int
+    large_model: bool
+    model_copies: int | None
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> "ExtractEmbeddingsConfig":
+        flags = options.view_as(ExtractEmbeddingsOptions)
+        for name in ("model_dir", "input"):
+            if not getattr(flags, name):
+                raise ValueError(f"--{name} is required")
+        warehouse = parse_warehouse_uri(flags.warehouse, embedding_schema.EMBEDDINGS_TABLE.default_table)
+        artifacts_dir = flags.artifacts_dir
+        if artifacts_dir is None and warehouse.kind == "duckdb":
+            artifacts_dir = os.path.dirname(os.path.abspath(warehouse.location))
+        elif artifacts_dir is None and warehouse.kind == "parquet":
+            artifacts_dir = warehouse.location
+        if artifacts_dir is None:
+            raise ValueError(f"--artifacts_dir is required with --warehouse {flags.warehouse} (for rejected-*.jsonl)")
+        return cls(
+            model_dir=flags.model_dir.rstrip("/"),
+            input_spec=InputSpec.resolve(flags.input, flags.input_format, flags.max_pixels),
+            warehouse_uri=flags.warehouse,
+            artifacts_dir=artifacts_dir.rstrip("/"),
+            write_disposition=flags.write_disposition,
+            min_batch_size=flags.min_batch_size,
+            max_batch_size=flags.max_batch_size,
+            max_batch_bytes=flags.max_batch_bytes,
+            large_model=flags.large_model,
+            model_copies=flags.model_copies,
+        )
+
+    def make_handler(self) -> ImageModelHandler:
+        return ImageModelHandler(
+            self.model_dir,
+            min_batch_size=self.min_batch_size,
+            max_batch_size=self.max_batch_size,
+            max_batch_bytes=self.max_batch_bytes,
+            large_model=self.large_model,
+            model_copies=self.model_copies,
+        )
+
+
+def embedding_row(
+    result: KeyedPrediction, *, model_version: str, embedding_dim: int, created_at: datetime.datetime
+) -> dict[str, Any]:
+    """An ``EMBEDDING_RECORD`` row from a keyed model result.
+
+    Raises:
+      ValueError: The model's embedding does not have model_info.json's
+        dimension (the export contract is broken; no row could be right).
+    """
+    _, prediction = result
+    image: model_handler.ImageInput = prediction.example
+    outputs: ModelOutputs = prediction.inference
+    vector = np.asarray(outputs.embedding, dtype=np.float32).reshape(-1)
+    if vector.shape[0] != embedding_dim:
+        raise ValueError(
+            f"model {model_version} returned a {vector.shape[0]}-dim embedding for {image.uri}; "
+            f"model_info.json declares embedding_dim={embedding_dim}"
+        )
+    schema = embedding_schema
+    return {
+        schema.IMAGE_ID: image.image_id,
+        schema.URI: image.uri,
+        schema.LABEL: image.label,
+        schema.SPLIT: image.split,
+        schema.EMBEDDING: [float(v) for v in vector],
+        schema.MODEL_VERSION: model_version,
+        schema.CREATED_AT: created_at,
+    }
+
+
+class FormatEmbeddingFn(beam.DoFn):
+    """``(key, PredictionResult)`` -> an embedding row, counted as embedded."""
+
+    def __init__(self, model_version: str, embedding_dim: int, created_at: datetime.datetime):
+        self._model_version = model_version
+        self._embedding_dim = embedding_dim
+        self._created_at = created_at
+
+    def setup(self) -> None:
+        self._embedded = beam.metrics.Metrics.counter(METRICS_NAMESPACE, EMBEDDED_COUNTER)
+
+    def process(self, result: KeyedPrediction) -> Iterable[dict[str, Any]]:
+        self._embedded.inc()
+        yield embedding_row(result, model_version=self._model_version, embedding_dim=self._embedding_dim,
+                            created_at=self._created_at)
+
+
+class ExtractEmbeddings(beam.PTransform):
+    """The job as one composite: ``(image_id, ImageInput)`` in, embedding rows and dead letters out.
+
+    Every row of one run carries the same ``created_at`` (when the pipeline
+    was built), so a run is one point in time in the warehouse.
+    """
+
+    def __init__(self, handler: ImageModelHandler, created_at: datetime.datetime | None = None):
+        super().__init__()
+        self._handler = handler
+        self._created_at = created_at or datetime.datetime.now(datetime.timezone.utc)
+
+    def expand(self, images: beam.PCollection):
+        predictions, dead_letters = images | "PredictImages" >> PredictImages(self._handler)
+        info = self._handler.model_info
+        rows = predictions | "FormatEmbeddings" >> beam.ParDo(
+            FormatEmbeddingFn(info.model_version, info.embedding_dim, self._created_at)
+        )
+        return rows, dead_letters
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Builds and runs the job; returns the finished pipeline's result."""
+    options = make_pipeline_options(list(argv or []))
+    config = ExtractEmbeddingsConfig.from_options(options)
+    handler = config.make_handler()
+    pipeline = beam.Pipeline(options=options)
+    images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.input_spec)
+    rows, embed_letters = images | "ExtractEmbeddings" >> ExtractEmbeddings(handler)
+    _ = rows | "WriteEmbeddings" >> WriteEmbeddings(config.warehouse_uri, write_disposition=config.write_disposition)
+    _ = (
+        (read_letters, embed_letters)
+        | "MergeDeadLetters" >> beam.Flatten()
+        | "WriteDeadLetters" >> WriteDeadLetters(config.artifacts_dir)
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+def accounting(result: PipelineResult) -> dict[str, int]:
+    """``read``, ``embedded`` and ``rejected`` from the run's metrics."""
+    counts = {}
+    for name in (READ_COUNTER, EMBEDDED_COUNTER, REJECTED_COUNTER):
+        counters = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))
+        counts[name] = int(sum(c.committed if c.committed is not None else c.attempted
+                               for c in counters["counters"]))
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    counts = accounting(run(argv))
+    print(json.dumps(counts, sort_keys=True))
+    if counts[READ_COUNTER] != counts[EMBEDDED_COUNTER] + counts[REJECTED_COUNTER]:
+        _LOGGER.error("Accounting mismatch: read %d != embedded %d + rejected %d",
+                      counts[READ_COUNTER], counts[EMBEDDED_COUNTER], counts[REJECTED_COUNTER])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main(sys.argv[1:]))
