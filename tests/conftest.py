@@ -4,4 +4,6 @@ pytest_plugins: list[str] = [
     "tests.fixtures.image_corpus",
     "tests.fixtures.emulators",
     "tests.fixtures.warehouses",
+    "tests.fixtures.datasets",
+    "tests.fixtures.models",
 ]
