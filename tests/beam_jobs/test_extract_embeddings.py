@@ -167,3 +167,26 @@ def test_bigquery_warehouse_gives_the_same_neighbors_as_duckdb(
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def test_dataset_input_carries_split_and_label_into_parquet(digits_dataset, trained_digits_model: str,
+                                                            tmp_path) -> None:
+    from beam_jobs import cli
+    from schemas import dataset, layout
+    from schemas.dataset import DATASET_RECORD
+
+    pattern = layout.split_pattern(digits_dataset.dataset_dir, "test")
+    expected = {}
+    for record in tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), compression_type="GZIP"):
+        parsed = DATASET_RECORD.from_tf_example(record.numpy())
+        expected[parsed[dataset.IMAGE_ID]] = parsed[dataset.LABEL]
+    warehouse = f"parquet:{tmp_path / 'warehouse'}"
+    assert cli.main(["extract-embeddings", "--model_dir", trained_digits_model, "--input", pattern,
+                     "--warehouse", warehouse]) == 0
+    engine = sq.open_engine(warehouse)
+    try:
+        rows = sq.run_sql(engine, "SELECT image_id, label, split FROM {table}").records()
+    finally:
+        engine.close()
+    assert {r["image_id"]: r["label"] for r in rows} == expected and len(rows) == len(expected)
+    assert {r["split"] for r in rows} == {"test"}
