@@ -172,7 +172,10 @@ def make_dataset(
     if training:
         buffer = min(max(summary.counts.get(split, 0), 1), 10_000)
         examples = examples.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    return examples.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # One host reads everything; replicas split batches, not files.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return examples.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def make_transform(transform_output: tft.TFTransformOutput) -> _Transform:

@@ -45,6 +45,7 @@ LR_SCHEDULES = ("constant", "cosine", "exponential")
 OPTIMIZERS = ("adam", "sgd")
 SELECTION_METRICS = ("val_accuracy", "val_loss")
 _CHECKPOINTS_KEPT = 2
+_DIVERGENCE_FACTOR = 3.0
 _TRAIN_PHASE = 1
 _FINE_TUNE_PHASE = 2
 
@@ -282,10 +283,15 @@ class ResumableCheckpoint(keras.callbacks.Callback):
       patience: Epochs without improvement before ``stop_training``; 0 = never.
       signature: Identifies the run (hyperparameters + dataset); a state
         written by a different run is not resumed.
+      num_classes: Sets the divergence threshold: a mean training loss above
+        three times ln(num_classes), the loss of a uniform guess, cannot come
+        from a converging run.
     """
 
-    def __init__(self, directory: str, *, monitor: str, patience: int, signature: str):
+    def __init__(self, directory: str, *, monitor: str, patience: int, signature: str, num_classes: int):
         super().__init__()
+        self.divergence_loss = _DIVERGENCE_FACTOR * math.log(num_classes)
+        self.diverged: str | None = None
         self.directory = directory
         self.monitor = monitor
         self.patience = patience
@@ -354,8 +360,13 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         logs = dict(logs or {})
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
-        if not math.isfinite(float(logs.get("loss", 0.0))):
-            # Nothing to checkpoint: the weights are NaN. The trainer raises TrainingDiverged.
+        loss = float(logs.get("loss", 0.0))
+        if not math.isfinite(loss) or loss > self.divergence_loss:
+            # Nothing worth checkpointing; the trainer raises TrainingDiverged.
+            self.diverged = (
+                f"training loss {loss:.4g} at epoch {epoch + 1} is not finite or above {self.divergence_loss:.3g} "
+                "(3x the loss of a uniform guess); lower the learning rate"
+            )
             self.model.stop_training = True
             return
         self.epochs_done = epoch + 1
@@ -430,7 +441,7 @@ def _fit_phase(
         return
     model.fit(
         train, validation_data=validation, initial_epoch=initial_epoch, epochs=end_epoch,
-        callbacks=callbacks, verbose=verbose,
+        callbacks=callbacks, verbose=verbose, shuffle=False,  # The input pipeline shuffles.
     )
 
 
@@ -485,6 +496,7 @@ def train_and_export(
         monitor=hparams.selection_metric,
         patience=hparams.early_stopping_patience,
         signature=_signature(hparams, summary),
+        num_classes=len(summary.labels),
     )
     initial_epoch = checkpoint.load_state()
     fine_tune = bool(hparams.fine_tune_layers and hparams.fine_tune_epochs)
@@ -511,7 +523,7 @@ def train_and_export(
             if not checkpoint.patience_exhausted():
                 _fit_phase(model, train=train, validation=validation, initial_epoch=initial_epoch,
                            end_epoch=hparams.epochs, callbacks=all_callbacks, verbose=verbose)
-                _check_finite(checkpoint)
+                _raise_if_diverged(checkpoint)
             if fine_tune:
                 # Fine-tune from the best frozen-backbone weights, not the last epoch's.
                 checkpoint.restore_best(model)
@@ -521,7 +533,7 @@ def train_and_export(
             _fit_phase(model, train=train, validation=validation,
                        initial_epoch=max(checkpoint.epochs_done, hparams.epochs),
                        end_epoch=hparams.total_epochs, callbacks=all_callbacks, verbose=verbose)
-            _check_finite(checkpoint)
+            _raise_if_diverged(checkpoint)
         checkpoint.restore_best(model)
     train_seconds = time.monotonic() - started
 
@@ -586,9 +598,6 @@ def _count_examples(batches: tf.data.Dataset) -> int:
     return int(batches.unbatch().reduce(tf.constant(0, tf.int64), _add_one))
 
 
-def _check_finite(checkpoint: ResumableCheckpoint) -> None:
-    losses = checkpoint.history.get("loss", [])
-    if losses and not math.isfinite(losses[-1]):
-        raise TrainingDiverged(
-            f"loss became {losses[-1]} at epoch {len(losses)}; lower the learning rate"
-        )
+def _raise_if_diverged(checkpoint: ResumableCheckpoint) -> None:
+    if checkpoint.diverged:
+        raise TrainingDiverged(checkpoint.diverged)
