@@ -123,13 +123,14 @@ def test_predictions_equal_the_saved_model_with_keys_kept(trained_digits_model, 
         assert_that(letters, equal_to([]), label="CheckNoDeadLetters")
 
 
-def test_a_failed_batch_is_retried_per_element(trained_digits_model, digit_images):
+@pytest.mark.parametrize("large_model", [False, True], ids=["per_process", "multi_process_shared"])
+def test_a_failed_batch_is_retried_per_element(trained_digits_model, digit_images, large_model):
     good = [(image.image_id, image) for image in digit_images[:11]]
     bad = ImageInput("tiff-id", "/data/scan.tiff", tiff_bytes(), label="3")
     # Fixed batches of 4 put the TIFF in a batch with 3 good images.
     keyed = good[:5] + [(bad.image_id, bad)] + good[5:]
     expected = expected_by_key(trained_digits_model, good)
-    handler = ImageModelHandler(trained_digits_model, min_batch_size=4, max_batch_size=4)
+    handler = ImageModelHandler(trained_digits_model, min_batch_size=4, max_batch_size=4, large_model=large_model)
     p = TestPipeline(runner="FnApiRunner")
     predictions, letters = p | beam.Create(keyed) | PredictImages(handler)
     assert_that(predictions | beam.Map(comparable), matches_saved_model(expected), label="CheckPredictions")
@@ -141,7 +142,7 @@ def test_a_failed_batch_is_retried_per_element(trained_digits_model, digit_image
     result = p.run()
     result.wait_until_finish()
     assert counter(result, RETRIED_BATCHES_COUNTER) == 1
-    # The retry uses the copy RunInference loaded.
+    # The retry uses the copy RunInference loaded (in this process, or in the shared model server).
     assert counter(result, MODEL_LOADS_COUNTER) == 1
 
 
