@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "make-sample-data": "beam_jobs.make_sample_data",
     "create-dataset": "beam_jobs.create_dataset",
+    "train": "beam_jobs.train",
     "batch-predict": "beam_jobs.batch_predict",
     "extract-embeddings": "beam_jobs.extract_embeddings",
     "sql": "beam_jobs.sql",

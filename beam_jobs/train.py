@@ -1,0 +1,184 @@
+"""train: a create_dataset output -> trained, evaluated, exported models, one Beam element per trial.
+
+Inputs: ``--dataset_dir`` (create_dataset output) and either ``--trials``
+(a YAML/JSON grid or list of hyperparameter sets, see ``model_lib.trials``)
+or hyperparameter flags for a single trial (flags also override the spec's
+``base``).
+
+Outputs in ``--output_dir``: ``trials/<trial_id>/`` per trial (SavedModel with
+serving signatures, model.keras, model_info.json, metrics.json, plots,
+checkpoints, TensorBoard logs), ``best/`` (the best trial by
+``--selection_metric`` on the validation split), ``trials.json`` (the
+leaderboard, failures included) and ``rejected-*.jsonl`` (failed trials).
+
+Examples:
+  vision-pipelines train --dataset_dir /tmp/digits_ds --output_dir /tmp/digits_model
+  vision-pipelines train --dataset_dir D --output_dir O --trials trials.yaml \\
+      --direct_num_workers 2 --direct_running_mode multi_processing
+  vision-pipelines train --dataset_dir gs://b/ds --output_dir gs://b/models --trials gs://b/trials.yaml \\
+      --trial_accelerator "type:nvidia-tesla-t4;count:1;install-nvidia-driver" \\
+      --runner DataflowRunner --project P --region R --temp_location gs://b/tmp
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult
+
+from model_lib.trials import TrialSpec, load_trials
+from schemas import model_artifacts
+from transforms.dead_letters import WriteDeadLetters
+from transforms.runner_policy import make_pipeline_options
+from transforms.training_trials import PublishBestTrial, RunTrials
+
+_LOGGER = logging.getLogger(__name__)
+
+SELECTION_METRICS = ("val_accuracy", "val_loss")
+# Hyperparameter flags: name -> type. Only the flags given override the trial spec.
+HPARAM_FLAGS: dict[str, type] = {
+    "arch": str,
+    "epochs": int,
+    "batch_size": int,
+    "learning_rate": float,
+    "lr_schedule": str,
+    "optimizer": str,
+    "weights": str,
+    "embedding_dim": int,
+    "dropout": float,
+    "fine_tune_layers": int,
+    "fine_tune_epochs": int,
+    "fine_tune_learning_rate": float,
+    "early_stopping_patience": int,
+    "seed": int,
+}
+
+
+class TrainOptions(PipelineOptions):
+    """The job's own flags; every other flag is a standard Beam option."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        parser.add_argument("--dataset_dir", default=None, help="create_dataset output (local or gs://).")
+        parser.add_argument("--output_dir", default=None, help="Where trials/, best/ and trials.json go.")
+        parser.add_argument("--trials", default=None, help="YAML/JSON trial spec (grid and/or list).")
+        parser.add_argument("--selection_metric", choices=SELECTION_METRICS, default="val_accuracy",
+                            help="Validation metric that picks the best trial and each trial's best epoch.")
+        parser.add_argument("--trial_accelerator", default=None,
+                            help="Resource hint for the training step, e.g. "
+                                 "'type:nvidia-tesla-t4;count:1;install-nvidia-driver' (Dataflow).")
+        parser.add_argument("--trial_min_ram", default=None, help="Resource hint for the training step, e.g. 16GB.")
+        for name, kind in HPARAM_FLAGS.items():
+            parser.add_argument(f"--{name}", type=kind, default=None,
+                                help=f"Hyperparameter {name} for every trial (see model_lib.training.HParams).")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Validated job configuration, built once from the options."""
+
+    dataset_dir: str
+    output_dir: str
+    trials: tuple[TrialSpec, ...]
+    selection_metric: str
+    resource_hints: dict[str, str]
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> "TrainConfig":
+        flags = options.view_as(TrainOptions)
+        for name in ("dataset_dir", "output_dir"):
+            if not getattr(flags, name):
+                raise ValueError(f"--{name} is required")
+        dataset_dir = flags.dataset_dir.rstrip("/")
+        if not FileSystems.exists(FileSystems.join(dataset_dir, "dataset_info.json")):
+            raise ValueError(f"--dataset_dir {dataset_dir} is not a create_dataset output (no dataset_info.json)")
+        overrides = {name: getattr(flags, name) for name in HPARAM_FLAGS if getattr(flags, name) is not None}
+        hints = {"accelerator": flags.trial_accelerator, "min_ram": flags.trial_min_ram}
+        return cls(
+            dataset_dir=dataset_dir,
+            output_dir=flags.output_dir.rstrip("/"),
+            trials=tuple(load_trials(flags.trials, overrides)),
+            selection_metric=flags.selection_metric,
+            resource_hints={k: v for k, v in hints.items() if v},
+        )
+
+
+class Train(beam.PTransform):
+    """The whole job as one composite: trials in; results, dead letters and the leaderboard out."""
+
+    def __init__(self, config: TrainConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, trials: beam.PCollection[TrialSpec]) -> dict[str, beam.PCollection]:
+        config = self._config
+        results, letters = trials | "RunTrials" >> RunTrials(
+            config.dataset_dir, config.output_dir, config.selection_metric, config.resource_hints
+        )
+        board = (results, letters) | "PublishBestTrial" >> PublishBestTrial(
+            config.output_dir, config.selection_metric
+        )
+        return {"results": results, "dead_letters": letters, "leaderboard": board}
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Builds and runs the job; returns the finished pipeline's result."""
+    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv))
+    config = TrainConfig.from_options(options)
+    _LOGGER.info("training %d trial(s) on %s", len(config.trials), config.dataset_dir)
+    pipeline = beam.Pipeline(options=options)
+    # No reshuffle here: RunTrials spreads the trials itself, one per worker in turn.
+    trials = pipeline | "CreateTrials" >> beam.Create(list(config.trials), reshuffle=False)
+    outputs = trials | "Train" >> Train(config)
+    _ = outputs["dead_letters"] | "WriteDeadLetters" >> WriteDeadLetters(config.output_dir)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+def read_leaderboard(output_dir: str) -> dict[str, Any]:
+    path = FileSystems.join(output_dir.rstrip("/"), model_artifacts.TRIALS_LEADERBOARD_FILE)
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def format_summary(board: dict[str, Any]) -> str:
+    """The leaderboard and the best trial's test metrics, for the terminal."""
+    metric = board["selection_metric"]
+    lines = [f"{len(board['trials'])} trial(s) succeeded, {len(board['failed'])} failed; ranked by {metric}"]
+    for row in board["trials"]:
+        test = row["test"]
+        test_text = f"test accuracy {test['accuracy']:.4f} macro_f1 {test['macro_f1']:.4f}" if test else "no test split"
+        lines.append(
+            f"  #{row['rank']} {row['trial_id']:<24} {row['hparams']['arch']:<16} "
+            f"val accuracy {row['validation']['accuracy']:.4f} loss {row['validation']['loss']:.4f}  "
+            f"{test_text}  ({row['epochs_run']} epochs, {row['train_seconds']:.0f}s)"
+        )
+    for failure in board["failed"]:
+        lines.append(f"  FAILED {failure['trial_id']}: {failure['error_type']}: {failure['message'][:200]}")
+    if board["best_trial"]:
+        lines.append(f"best: {board['best_trial']} -> {board['best_dir']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the job and prints the leaderboard; exit status 1 when no trial succeeded."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = make_pipeline_options(argv)
+    output_dir = options.view_as(TrainOptions).output_dir
+    run(argv)
+    board = read_leaderboard(output_dir)
+    print(format_summary(board))
+    return 0 if board["best_trial"] else 1
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    raise SystemExit(main())
