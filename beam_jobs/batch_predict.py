@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -45,28 +44,13 @@ from transforms.images import ImageSpec
 from transforms.inference_inputs import INPUT_KINDS, InputSpec, ReadImageInputs
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, PredictImages
 from transforms.prediction_eval import WriteEvaluation
-from transforms.runner_policy import make_pipeline_options
+from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
 from transforms.warehouse import WriteToWarehouse
 
 _LOGGER = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("jsonl", "parquet")
 PREDICTED_COUNTER = "predicted"
-
-
-def tolerate_shared_flags(parser: argparse.ArgumentParser) -> None:
-    """Lets a flag be defined by several PipelineOptions classes.
-
-    Beam parses the flags of *every* imported PipelineOptions subclass with one
-    parser (``get_all_options``, called when a pipeline runs). Two jobs that
-    define the same flag (``--max_pixels``, ``--model_dir``, ...), or this
-    module imported twice (``python -m``), would make argparse raise and every
-    pipeline in the process fail. With "resolve", a later definition replaces
-    the earlier one in that combined parser; each job's own view still parses
-    its flags with its own definitions.
-    """
-    for container in (parser, *parser._action_groups):  # Groups keep their own copy of the handler.
-        container.conflict_handler = "resolve"
 
 
 class BatchPredictOptions(PipelineOptions):

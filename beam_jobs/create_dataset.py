@@ -35,7 +35,7 @@ from transforms.dead_letters import WriteDeadLetters
 from transforms.images import ImageSpec
 from transforms.labeling import ResolveLabels, VotePolicy
 from transforms.manifests import ReadCsvRows, expand_patterns
-from transforms.runner_policy import make_pipeline_options
+from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
 from transforms.splitting import SplitSpec
 from transforms.tft_analysis import AnalyzeAndWriteTransform
 
@@ -48,6 +48,7 @@ class CreateDatasetOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
+        tolerate_shared_flags(parser)
         parser.add_argument("--manifest", action="append", default=[],
                             help="CSV or glob of `uri,label` rows (repeatable; local or gs://).")
         parser.add_argument("--ratings", action="append", default=[],

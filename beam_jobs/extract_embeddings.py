@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -50,7 +49,7 @@ from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters
 from transforms.images import ImageSpec
 from transforms.inference_inputs import INPUT_KINDS, READ_COUNTER, InputSpec, ReadImageInputs
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, ModelOutputs, PredictImages
-from transforms.runner_policy import make_pipeline_options
+from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
 from transforms.warehouse import WriteEmbeddings
 
 _LOGGER = logging.getLogger(__name__)
@@ -60,23 +59,12 @@ EMBEDDED_COUNTER = "embedded"
 REJECTED_COUNTER = "rejected"
 
 
-def _tolerate_shared_flags(parser: argparse.ArgumentParser) -> None:
-    """Lets flags this job shares with other jobs (``--model_dir``, ``--input``, ...) coexist.
-
-    Beam parses the flags of every imported PipelineOptions subclass with one
-    parser; with "resolve" a later definition replaces an earlier one there,
-    while each job's own view still parses its flags with its definitions.
-    """
-    for container in (parser, *parser._action_groups):  # Groups keep their own copy of the handler.
-        container.conflict_handler = "resolve"
-
-
 class ExtractEmbeddingsOptions(PipelineOptions):
     """The job's own flags; every other flag is a standard Beam option."""
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
-        _tolerate_shared_flags(parser)
+        tolerate_shared_flags(parser)
         parser.add_argument("--model_dir", default=None, help="Exported model dir (saved_model/, model_info.json).")
         parser.add_argument("--input", default=None,
                             help="Manifest CSV (uri[,label]), image glob, or dataset dir / TFRecord glob.")

@@ -108,18 +108,41 @@ def content_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _open_validated(data: bytes, max_pixels: int) -> Image.Image:
-    """Opens and fully decodes an image, rejecting bombs before decoding pixels."""
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Opens an image lazily, rejecting decompression bombs before any pixel is decoded.
+
+    Raises:
+      RejectedInput: ``not_an_image``, ``corrupt_image`` (a known format whose
+        header is cut or broken) or ``too_many_pixels``.
+    """
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
         raise RejectedInput(NOT_AN_IMAGE, "not a decodable image (JPEG, PNG, GIF, BMP, ...)") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise RejectedInput(CORRUPT_IMAGE, f"image header is truncated or corrupt: {error}") from error
     width, height = image.size
     if width * height > max_pixels:
         raise RejectedInput(
             TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels exceeds --max_pixels={max_pixels}"
         )
     return image
+
+
+def check_image(data: bytes, max_pixels: int) -> None:
+    """Fully decodes an encoded image, rejecting what a model could not take.
+
+    Inference jobs call it before batching, so one bad file cannot fail the
+    batch it would have joined.
+
+    Raises:
+      RejectedInput: ``not_an_image``, ``corrupt_image`` or ``too_many_pixels``.
+    """
+    image = open_image(data, max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise RejectedInput(CORRUPT_IMAGE, f"image data is truncated or corrupt: {error}") from error
 
 
 def _fit(image: Image.Image, spec: ImageSpec) -> Image.Image:
@@ -152,7 +175,7 @@ def normalize_image(data: bytes, spec: ImageSpec) -> NormalizedImage:
     Raises:
       RejectedInput: ``not_an_image``, ``too_many_pixels`` or ``corrupt_image``.
     """
-    image = _open_validated(data, spec.max_pixels)
+    image = open_image(data, spec.max_pixels)
     try:
         header_width, header_height = image.size
         transposed = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)

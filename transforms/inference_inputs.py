@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import posixpath
 from typing import Iterable
 
@@ -28,7 +27,6 @@ from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from google.protobuf.message import DecodeError
-from PIL import Image, UnidentifiedImageError
 
 from schemas import dataset, layout
 from schemas.dead_letter import DeadLetter
@@ -85,30 +83,6 @@ class InputSpec:
         return cls(input_flag, "images", max_pixels)
 
 
-def check_image(data: bytes, max_pixels: int) -> None:
-    """Fully decodes an encoded image with Pillow, rejecting what the model could not take.
-
-    Raises:
-      RejectedInput: ``not_an_image``, ``too_many_pixels`` or ``corrupt_image``
-        (the reason codes of ``transforms.images``).
-    """
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as error:
-        raise RejectedInput(images.NOT_AN_IMAGE, "not a decodable image (JPEG, PNG, GIF, BMP, ...)") from error
-    except (OSError, SyntaxError, ValueError) as error:  # A known format whose header is cut or broken.
-        raise RejectedInput(images.CORRUPT_IMAGE, f"image header is truncated or corrupt: {error}") from error
-    width, height = image.size
-    if width * height > max_pixels:
-        raise RejectedInput(
-            images.TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels exceeds --max_pixels={max_pixels}"
-        )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as error:
-        raise RejectedInput(images.CORRUPT_IMAGE, f"image data is truncated or corrupt: {error}") from error
-
-
 def image_source(uri: str) -> str:
     """The directory an image was read from: its URI without the file name."""
     return posixpath.dirname(uri) if "://" in uri else FileSystems.split(uri)[0]
@@ -144,7 +118,7 @@ class LoadImageFn(beam.DoFn):
     def process(self, row: ManifestRow) -> Iterable[KeyedImage | beam.pvalue.TaggedOutput]:
         try:
             data = images.read_image_bytes(row.uri)
-            check_image(data, self._max_pixels)
+            images.check_image(data, self._max_pixels)
         except RejectedInput as rejected:
             yield _rejection(row.uri, LOAD_STAGE, rejected)
             return
@@ -173,7 +147,7 @@ class ParseDatasetRecordFn(beam.DoFn):
             return
         uri = record[dataset.URI]
         try:
-            check_image(record[dataset.IMAGE], self._max_pixels)
+            images.check_image(record[dataset.IMAGE], self._max_pixels)
         except RejectedInput as rejected:
             yield _rejection(uri, PARSE_STAGE, rejected)
             return

@@ -9,6 +9,7 @@ standard option passes through untouched.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -58,3 +59,20 @@ def make_pipeline_options(beam_args: list[str], *, streaming: bool = False) -> P
 
 def runner_name(options: PipelineOptions) -> str:
     return str(options.view_as(StandardOptions).runner)
+
+
+def tolerate_shared_flags(parser: argparse.ArgumentParser) -> None:
+    """Lets a flag be defined by several jobs' PipelineOptions classes.
+
+    Beam parses the flags of *every* imported PipelineOptions subclass with one
+    parser (``get_all_options``, called when a pipeline runs). Two jobs that
+    define the same flag (``--output_dir``, ``--model_dir``, ...), or a job
+    module imported twice (``python -m``), would make argparse raise and every
+    pipeline in the process fail. With "resolve", a later definition replaces
+    the earlier one in that combined parser; each job's own view still parses
+    its flags with its own definitions. Every job's ``_add_argparse_args``
+    calls this first.
+    """
+    for container in (parser, *parser._action_groups):  # Groups keep their own copy of the handler.
+        container.conflict_handler = "resolve"
+

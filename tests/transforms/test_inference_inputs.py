@@ -20,7 +20,6 @@ from transforms.inference_inputs import (
     CORRUPT_RECORD,
     InputSpec,
     ReadImageInputs,
-    check_image,
     image_source,
 )
 from transforms.model_handler import KeyedImage
@@ -164,10 +163,10 @@ def test_check_image_reasons(image_corpus):
         with open(path, "rb") as handle:
             data = handle.read()
         if reason in (None, "unknown_label"):
-            check_image(data, MAX_PIXELS)
+            images.check_image(data, MAX_PIXELS)
         else:
             with pytest.raises(RejectedInput) as raised:
-                check_image(data, MAX_PIXELS)
+                images.check_image(data, MAX_PIXELS)
             assert raised.value.error_type == reason, path
 
 
