@@ -36,7 +36,7 @@ from apache_beam.runners.runner import PipelineResult
 from model_lib.trials import TrialSpec, load_trials
 from schemas import model_artifacts
 from transforms.dead_letters import WriteDeadLetters
-from transforms.runner_policy import make_pipeline_options
+from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
 from transforms.training_trials import PublishBestTrial, RunTrials
 
 _LOGGER = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class TrainOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
+        tolerate_shared_flags(parser)
         parser.add_argument("--dataset_dir", default=None, help="create_dataset output (local or gs://).")
         parser.add_argument("--output_dir", default=None, help="Where trials/, best/ and trials.json go.")
         parser.add_argument("--trials", default=None, help="YAML/JSON trial spec (grid and/or list).")
