@@ -195,6 +195,11 @@ def _check_weights(weights: str) -> str | None:
     return weights
 
 
+def is_pretrained(weights: str) -> bool:
+    """Whether ``weights`` names pretrained weights (``imagenet`` or a file) rather than ``none``."""
+    return isinstance(weights, str) and weights.lower() != "none"
+
+
 def build_backbone(
     backbone: str, *, input_shape: Sequence[int], weights: str = "none"
 ) -> keras.Model:
@@ -230,12 +235,14 @@ def build_transfer_model(
     augmentation: keras.layers.Layer | None = None,
     name: str | None = None,
 ) -> keras.Model:
-    """A frozen pretrained backbone with a new embedding + classifier head.
+    """A pretrained backbone, frozen, with a new embedding + classifier head.
 
     Grayscale input is repeated to three channels; pixels are mapped to the
-    backbone's expected range by ``BackbonePreprocess``. The backbone is
-    frozen and always called with ``training=False``, so its
-    BatchNormalization statistics stay fixed even after ``unfreeze_top_layers``.
+    backbone's expected range by ``BackbonePreprocess``. With pretrained
+    weights (``imagenet`` or a file) the backbone is frozen and always called
+    with ``training=False``, so its BatchNormalization statistics stay fixed
+    even after ``unfreeze_top_layers``. With ``weights="none"`` there is
+    nothing to preserve: the whole network trains from scratch.
 
     Args:
       backbone: One of ``BACKBONES``.
@@ -255,14 +262,15 @@ def build_transfer_model(
     shape = _check_input_shape(input_shape, min_size=_MIN_BACKBONE_SIZE)
     _check_common(num_classes, embedding_dim, dropout)
     base = build_backbone(backbone, input_shape=(shape[0], shape[1], 3), weights=weights)
-    base.trainable = False
+    pretrained = is_pretrained(weights)
+    base.trainable = not pretrained
 
     inputs = keras.Input(shape=shape, name="pixels")
     x = augmentation(inputs) if augmentation is not None else inputs
     if shape[2] == 1:
         x = layers.Concatenate(name="grayscale_to_rgb")([x, x, x])
     x = BackbonePreprocess(backbone, name="backbone_preprocess")(x)
-    x = base(x, training=False)
+    x = base(x, training=False) if pretrained else base(x)
     if dropout:
         x = layers.Dropout(dropout, name="features_dropout")(x)
     outputs = _head(x, num_classes=num_classes, embedding_dim=embedding_dim, dropout=dropout)

@@ -155,8 +155,9 @@ class HParams:
         )
         _require(isinstance(self.weights, str), "weights", self.weights, "'none', 'imagenet' or a file path")
         _require(
-            self.fine_tune_layers == 0 or self.arch in models.BACKBONES,
-            "fine_tune_layers", self.fine_tune_layers, f"0 for {self.arch} (it has no pretrained backbone)",
+            self.fine_tune_layers == 0 or (self.arch in models.BACKBONES and models.is_pretrained(self.weights)),
+            "fine_tune_layers", self.fine_tune_layers,
+            f"0 for arch={self.arch!r} with weights={self.weights!r} (fine-tuning needs a pretrained backbone)",
         )
         try:
             self.augmentation_config()

@@ -38,15 +38,35 @@ def test_builder_shapes_and_embedding_layer(arch, input_shape, embedding_dim):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_transfer_backbone_is_frozen_with_new_head():
-    model = models.build_model(models.MOBILENET_V2, input_shape=(32, 32, 3), num_classes=3, embedding_dim=8)
+@pytest.fixture(scope="module")
+def mobilenet_weights(tmp_path_factory) -> str:
+    """A local no-top MobileNetV2 weights file: stands in for downloaded pretrained weights."""
+    backbone = models.build_backbone(models.MOBILENET_V2, input_shape=(32, 32, 3), weights="none")
+    path = str(tmp_path_factory.mktemp("weights") / "mobilenet_v2_notop.weights.h5")
+    backbone.save_weights(path)
+    return path
+
+
+def test_pretrained_backbone_is_frozen_with_new_head(mobilenet_weights):
+    model = models.build_model(
+        models.MOBILENET_V2, input_shape=(32, 32, 3), num_classes=3, embedding_dim=8, weights=mobilenet_weights
+    )
     assert model.get_layer(models.BACKBONE_LAYER_NAME).trainable is False
     trainable = {w.path.split("/")[0] for w in model.trainable_weights}
     assert trainable == {EMBEDDING_LAYER_NAME, models.OUTPUT_LAYER_NAME}
 
 
-def test_unfreeze_top_layers_keeps_batchnorm_frozen():
+def test_backbone_without_pretrained_weights_trains_from_scratch():
     model = models.build_model(models.MOBILENET_V2, input_shape=(32, 32, 3), num_classes=3, embedding_dim=8)
+    base = model.get_layer(models.BACKBONE_LAYER_NAME)
+    assert base.trainable is True
+    assert len(model.trainable_weights) > len(base.layers) // 2
+
+
+def test_unfreeze_top_layers_keeps_batchnorm_frozen(mobilenet_weights):
+    model = models.build_model(
+        models.MOBILENET_V2, input_shape=(32, 32, 3), num_classes=3, embedding_dim=8, weights=mobilenet_weights
+    )
     before = len(model.trainable_weights)
     unfrozen = models.unfreeze_top_layers(model, 20)
     base = model.get_layer(models.BACKBONE_LAYER_NAME)
@@ -66,16 +86,17 @@ def test_unfreeze_rejects_models_without_backbone_and_bad_counts():
         models.unfreeze_top_layers(transfer, 0)
 
 
-def test_weights_from_local_file_are_loaded(tmp_path):
-    source = models.build_backbone(models.MOBILENET_V2, input_shape=(32, 32, 3), weights="none")
-    path = str(tmp_path / "mobilenet_notop.weights.h5")
-    source.save_weights(path)
+def test_weights_from_local_file_are_loaded(mobilenet_weights):
+    source = models.build_backbone(models.MOBILENET_V2, input_shape=(32, 32, 3), weights=mobilenet_weights)
     model = models.build_model(
-        models.MOBILENET_V2, input_shape=(32, 32, 1), num_classes=4, embedding_dim=8, weights=path
+        models.MOBILENET_V2, input_shape=(32, 32, 1), num_classes=4, embedding_dim=8, weights=mobilenet_weights
     )
     loaded = model.get_layer(models.BACKBONE_LAYER_NAME).get_weights()
+    fresh = models.build_backbone(models.MOBILENET_V2, input_shape=(32, 32, 3), weights="none").get_weights()
+    assert len(loaded) == len(source.get_weights())
     for want, got in zip(source.get_weights(), loaded):
         np.testing.assert_array_equal(want, got)
+    assert any(not np.array_equal(a, b) for a, b in zip(fresh, loaded))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from model_lib import evaluation, export, training
+from model_lib import evaluation, export, models, training
 from schemas import model_artifacts
 from schemas.model_artifacts import ModelInfo
 
@@ -176,3 +176,48 @@ def test_strategy_uses_one_device_without_gpus():
     assert strategy.num_replicas_in_sync >= 1
     if strategy.num_replicas_in_sync == 1:
         assert isinstance(strategy, training.tf.distribute.OneDeviceStrategy)
+
+
+def _bn_statistics(model: keras.Model) -> list[np.ndarray]:
+    base = model.get_layer(models.BACKBONE_LAYER_NAME)
+    return [np.asarray(v) for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def test_fine_tuning_resumes_in_its_own_phase_and_keeps_batchnorm_frozen(digits_dataset, tmp_path):
+    backbone = models.build_backbone(models.MOBILENET_V2, input_shape=(32, 32, 3), weights="none")
+    weights = str(tmp_path / "mobilenet_v2_notop.weights.h5")
+    backbone.save_weights(weights)
+    output = str(tmp_path / "run")
+    hparams = {
+        "arch": models.MOBILENET_V2, "weights": weights, "embedding_dim": 16, "batch_size": 128,
+        "epochs": 1, "fine_tune_layers": 30, "fine_tune_epochs": 2, "early_stopping_patience": 0,
+    }
+    interrupt = _InterruptAfterEpoch(2)  # After the first fine-tuning epoch.
+    with pytest.raises(_Interrupt):
+        training.train_and_export(digits_dataset.dataset_dir, output, hparams, callbacks=[interrupt])
+    counter = _CountEpochs()
+    result = training.train_and_export(digits_dataset.dataset_dir, output, hparams, callbacks=[counter])
+    assert (result.initial_epoch, counter.started, result.epochs_run) == (2, [2], 3)
+    for resumed, interrupted in zip(counter.initial_weights, interrupt.weights):
+        np.testing.assert_array_equal(resumed, interrupted)
+
+    def build(backbone_weights: str) -> keras.Model:
+        return models.build_model(models.MOBILENET_V2, input_shape=(32, 32, 1), num_classes=10,
+                                  embedding_dim=16, weights=backbone_weights)
+
+    original = build(weights)
+    fine_tuned = build(weights)  # The state after one fine-tuning epoch, as checkpointed.
+    fine_tuned.set_weights(interrupt.weights)
+    for before, after in zip(_bn_statistics(original), _bn_statistics(fine_tuned)):
+        np.testing.assert_array_equal(before, after)
+    # The last conv (inside the top 30 layers) was fine-tuned; the first conv stayed frozen.
+    top, bottom = (original.get_layer(models.BACKBONE_LAYER_NAME).layers[i].name for i in (-4, 1))
+
+    def kernel(model: keras.Model, name: str) -> np.ndarray:
+        layer = model.get_layer(models.BACKBONE_LAYER_NAME).get_layer(name)
+        assert isinstance(layer, keras.layers.Conv2D)
+        return layer.get_weights()[0]
+
+    assert not np.array_equal(kernel(original, top), kernel(fine_tuned, top))
+    np.testing.assert_array_equal(kernel(original, bottom), kernel(fine_tuned, bottom))
