@@ -19,12 +19,13 @@ per replica and the global batch is scaled by the replica count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
 import math
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import keras
 import numpy as np
@@ -446,6 +447,45 @@ def _fit_phase(
     )
 
 
+def _fit_all_phases(
+    model: keras.Model,
+    hparams: HParams,
+    checkpoint: ResumableCheckpoint,
+    *,
+    initial_epoch: int,
+    steps_per_epoch: int,
+    fit: Callable[..., None],
+) -> None:
+    """Compiles and fits the training phase, then the fine-tuning phase, from wherever the checkpoint left off.
+
+    Ends with the best epoch's weights in ``model``.
+    """
+    fine_tune = bool(hparams.fine_tune_layers and hparams.fine_tune_epochs)
+    if checkpoint.phase == _FINE_TUNE_PHASE and not fine_tune:
+        raise InvalidHyperparameter("the checkpoint is from a fine-tuning phase but fine-tuning is disabled")
+    if checkpoint.phase == _FINE_TUNE_PHASE:
+        # Killed while fine-tuning: rebuild the fine-tuning optimizer before loading its state.
+        _start_fine_tuning(model, hparams, steps_per_epoch)
+        checkpoint.restore_latest(model)
+    else:
+        _compile(model, hparams, _learning_rate(
+            hparams.lr_schedule, hparams.learning_rate, steps_per_epoch, hparams.epochs))
+        if initial_epoch:
+            checkpoint.restore_latest(model)
+        if not checkpoint.patience_exhausted():
+            fit(model, initial_epoch=initial_epoch, end_epoch=hparams.epochs)
+            _raise_if_diverged(checkpoint)
+        if fine_tune:
+            # Fine-tune from the best frozen-backbone weights, not the last epoch's.
+            checkpoint.restore_best(model)
+            _start_fine_tuning(model, hparams, steps_per_epoch)
+            checkpoint.start_phase(_FINE_TUNE_PHASE)
+    if fine_tune and not checkpoint.patience_exhausted():
+        fit(model, initial_epoch=max(checkpoint.epochs_done, hparams.epochs), end_epoch=hparams.total_epochs)
+        _raise_if_diverged(checkpoint)
+    checkpoint.restore_best(model)
+
+
 def train_and_export(
     dataset_dir: str,
     output_dir: str,
@@ -500,9 +540,6 @@ def train_and_export(
         num_classes=len(summary.labels),
     )
     initial_epoch = checkpoint.load_state()
-    fine_tune = bool(hparams.fine_tune_layers and hparams.fine_tune_epochs)
-    if checkpoint.phase == _FINE_TUNE_PHASE and not fine_tune:
-        raise InvalidHyperparameter("checkpoint is from a fine-tuning phase but fine-tuning is disabled")
     all_callbacks = [
         checkpoint,
         keras.callbacks.TensorBoard(tf.io.gfile.join(output_dir, TENSORBOARD_DIR), profile_batch=0),
@@ -512,30 +549,9 @@ def train_and_export(
     started = time.monotonic()
     with strategy.scope():
         model = _build(hparams, summary)
-        if checkpoint.phase == _FINE_TUNE_PHASE:
-            # Killed while fine-tuning: rebuild the fine-tuning optimizer before loading its state.
-            _start_fine_tuning(model, hparams, steps_per_epoch)
-            checkpoint.restore_latest(model)
-        else:
-            _compile(model, hparams, _learning_rate(
-                hparams.lr_schedule, hparams.learning_rate, steps_per_epoch, hparams.epochs))
-            if initial_epoch:
-                checkpoint.restore_latest(model)
-            if not checkpoint.patience_exhausted():
-                _fit_phase(model, train=train, validation=validation, initial_epoch=initial_epoch,
-                           end_epoch=hparams.epochs, callbacks=all_callbacks, verbose=verbose)
-                _raise_if_diverged(checkpoint)
-            if fine_tune:
-                # Fine-tune from the best frozen-backbone weights, not the last epoch's.
-                checkpoint.restore_best(model)
-                _start_fine_tuning(model, hparams, steps_per_epoch)
-                checkpoint.start_phase(_FINE_TUNE_PHASE)
-        if fine_tune and not checkpoint.patience_exhausted():
-            _fit_phase(model, train=train, validation=validation,
-                       initial_epoch=max(checkpoint.epochs_done, hparams.epochs),
-                       end_epoch=hparams.total_epochs, callbacks=all_callbacks, verbose=verbose)
-            _raise_if_diverged(checkpoint)
-        checkpoint.restore_best(model)
+        _fit_all_phases(model, hparams, checkpoint, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                        fit=functools.partial(_fit_phase, train=train, validation=validation,
+                                              callbacks=all_callbacks, verbose=verbose))
     train_seconds = time.monotonic() - started
 
     metrics: dict[str, Any] = {
