@@ -144,6 +144,7 @@ def make_dataset(
     batch_size: int,
     training: bool,
     seed: int = 0,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """Builds the ``(pixels, label_index)`` input for one split.
 
@@ -154,6 +155,9 @@ def make_dataset(
       batch_size: Global batch size.
       training: Shuffle (reshuffled every epoch) when True; keep file order otherwise.
       seed: Shuffle seed.
+      drop_remainder: Drop the last partial batch (ignored when the split has
+        fewer examples than one batch). Needed under MirroredStrategy, where a
+        short last batch can leave a replica with an empty batch.
 
     Returns:
       Batches of float32 ``[B, S, S, C]`` pixels and int64 ``[B]`` label indices.
@@ -175,7 +179,8 @@ def make_dataset(
     options = tf.data.Options()
     # One host reads everything; replicas split batches, not files.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return examples.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
+    drop = drop_remainder and summary.counts.get(split, 0) >= batch_size
+    return examples.batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def make_transform(transform_output: tft.TFTransformOutput) -> _Transform:

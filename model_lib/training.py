@@ -492,6 +492,7 @@ def train_and_export(
     hparams: HParams | Mapping[str, Any] | None = None,
     *,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    strategy: tf.distribute.Strategy | None = None,
     verbose: int = 0,
 ) -> TrainResult:
     """Trains, evaluates and exports one model; resumes if ``output_dir`` has a checkpoint.
@@ -502,6 +503,7 @@ def train_and_export(
       output_dir: Where checkpoints, logs and the exported model go.
       hparams: ``HParams`` or a dict of overrides of its defaults.
       callbacks: Extra Keras callbacks, run after the checkpointing one.
+      strategy: The tf.distribute strategy; default ``choose_strategy()``.
       verbose: Keras fit verbosity.
 
     Returns:
@@ -518,13 +520,20 @@ def train_and_export(
     transform_output = input_pipeline.load_transform_output(dataset_dir)
     keras.utils.set_random_seed(hparams.seed)
 
-    strategy = choose_strategy()
+    strategy = strategy or choose_strategy()
     global_batch = hparams.batch_size * strategy.num_replicas_in_sync
     _LOGGER.info("training %s on %s with %d replica(s), global batch %d",
                  hparams.arch, dataset_dir, strategy.num_replicas_in_sync, global_batch)
     transform = input_pipeline.make_transform(transform_output)
+    multi_replica = strategy.num_replicas_in_sync > 1
     train = input_pipeline.make_dataset(
-        summary, summary.train_split, transform, batch_size=global_batch, training=True, seed=hparams.seed
+        summary, summary.train_split, transform, batch_size=global_batch, training=True, seed=hparams.seed,
+        drop_remainder=multi_replica,
+    )
+    # Fitting sees whole batches only with several replicas; the final evaluation sees every example.
+    validation_fit = input_pipeline.make_dataset(
+        summary, summary.validation_split, transform, batch_size=global_batch, training=False,
+        drop_remainder=multi_replica,
     )
     validation = input_pipeline.make_dataset(
         summary, summary.validation_split, transform, batch_size=global_batch, training=False
@@ -550,7 +559,7 @@ def train_and_export(
     with strategy.scope():
         model = _build(hparams, summary)
         _fit_all_phases(model, hparams, checkpoint, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                        fit=functools.partial(_fit_phase, train=train, validation=validation,
+                        fit=functools.partial(_fit_phase, train=train, validation=validation_fit,
                                               callbacks=all_callbacks, verbose=verbose))
     train_seconds = time.monotonic() - started
 
@@ -562,6 +571,8 @@ def train_and_export(
         "initial_epoch": initial_epoch,
         "train_seconds": round(train_seconds, 3),
         "selection_metric": hparams.selection_metric,
+        "replicas": strategy.num_replicas_in_sync,
+        "global_batch_size": global_batch,
         HISTORY_KEY: checkpoint.history,
     }
     if summary.test_split and input_pipeline.has_split(dataset_dir, summary.test_split):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -221,3 +223,29 @@ def test_fine_tuning_resumes_in_its_own_phase_and_keeps_batchnorm_frozen(digits_
 
     assert not np.array_equal(kernel(original, top), kernel(fine_tuned, top))
     np.testing.assert_array_equal(kernel(original, bottom), kernel(fine_tuned, bottom))
+
+
+_MIRRORED_ON_TWO_CPUS = """
+import json, sys
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from model_lib import training
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+result = training.train_and_export(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), strategy=strategy)
+print(json.dumps({k: result.metrics[k] for k in ("replicas", "global_batch_size", "epochs_run")}))
+"""
+
+
+def test_mirrored_strategy_scales_the_global_batch(digits_dataset, tmp_path):
+    # Two logical CPU devices stand in for two GPUs: same MirroredStrategy code path.
+    completed = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_ON_TWO_CPUS, digits_dataset.dataset_dir, str(tmp_path / "run"),
+         json.dumps({**TINY, "batch_size": 32, "epochs": 1})],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary == {"replicas": 2, "global_batch_size": 64, "epochs_run": 1}
+    assert model_artifacts.ModelInfo.read(str(tmp_path / "run")).model_version
