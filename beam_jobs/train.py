@@ -170,13 +170,21 @@ def format_summary(board: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the job and prints the leaderboard; exit status 1 when no trial succeeded."""
+    """Runs the job and prints the leaderboard.
+
+    Returns:
+      0, or 1 when no trial succeeded or trials read != succeeded + failed.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = make_pipeline_options(argv)
-    output_dir = options.view_as(TrainOptions).output_dir
+    config = TrainConfig.from_options(make_pipeline_options(argv))
     run(argv)
-    board = read_leaderboard(output_dir)
+    board = read_leaderboard(config.output_dir)
     print(format_summary(board))
+    accounted = len(board["trials"]) + len(board["failed"])
+    if accounted != len(config.trials):
+        _LOGGER.error("accounting mismatch: %d trials read, %d succeeded + %d failed",
+                      len(config.trials), len(board["trials"]), len(board["failed"]))
+        return 1
     return 0 if board["best_trial"] else 1
 
 

@@ -330,7 +330,7 @@ def build_model(
       ValueError: for an unknown ``arch`` or any invalid hyperparameter.
     """
     if arch == SMALL_CNN:
-        if weights.lower() != "none":
+        if is_pretrained(weights):
             raise ValueError(f"{SMALL_CNN} trains from scratch; weights must be 'none'. Received `weights={weights!r}`")
         return build_small_cnn(
             input_shape=input_shape,

@@ -20,6 +20,7 @@ import logging
 from typing import Any, Iterable
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from model_lib.trials import TrialSpec
@@ -76,8 +77,7 @@ def _now() -> str:
 
 
 def trial_dir(output_dir: str, trial_id: str) -> str:
-    from apache_beam.io.filesystems import FileSystems
-
+    """``OUTPUT/trials/<trial_id>``."""
     return FileSystems.join(output_dir, model_artifacts.TRIALS_DIR, trial_id)
 
 
@@ -202,9 +202,7 @@ class PublishBestTrialFn(beam.DoFn):
         self._metric = metric
 
     def process(self, results: list[TrialResult], failures: list[DeadLetter]) -> Iterable[dict[str, Any]]:
-        from apache_beam.io.filesystems import FileSystems
-
-        from model_lib import export, training
+        from model_lib import export, training  # TensorFlow only where the copy runs.
 
         best_dir = FileSystems.join(self._output_dir, model_artifacts.BEST_DIR)
         board = leaderboard(results, failures, self._metric, best_dir)
