@@ -40,8 +40,8 @@ from schemas import layout, prediction
 from schemas.warehouse import WAREHOUSE_KINDS, WRITE_DISPOSITIONS, parse_warehouse_uri
 from transforms import model_handler
 from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters
-from transforms.images import ImageSpec
-from transforms.inference_inputs import INPUT_KINDS, InputSpec, ReadImageInputs
+from transforms.inference_inputs import ReadImageInputs
+from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, PredictImages
 from transforms.prediction_eval import WriteEvaluation
 from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
@@ -53,16 +53,12 @@ OUTPUT_FORMATS = ("jsonl", "parquet")
 PREDICTED_COUNTER = "predicted"
 
 
-class BatchPredictOptions(PipelineOptions):
+class BatchPredictOptions(InferenceOptions):
     """The job's own flags; every other flag is a standard Beam option."""
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
         tolerate_shared_flags(parser)
-        parser.add_argument("--model_dir", default=None, help="Exported model dir (saved_model/, model_info.json).")
-        parser.add_argument("--input", default=None,
-                            help="Manifest CSV (uri[,label]), image glob, or dataset dir / TFRecord glob.")
-        parser.add_argument("--input_format", choices=("auto", *INPUT_KINDS), default="auto")
         parser.add_argument("--output", default=None,
                             help="Output directory, or bigquery:P.D.T / parquet:DIR[#T] / duckdb:PATH[#T].")
         parser.add_argument("--output_format", choices=OUTPUT_FORMATS, default="jsonl",
@@ -72,18 +68,8 @@ class BatchPredictOptions(PipelineOptions):
         parser.add_argument("--write_disposition", choices=WRITE_DISPOSITIONS, default="append",
                             help="For warehouse outputs: append rows or replace the table.")
         parser.add_argument("--top_k", type=int, default=5, help="Labels with probabilities kept per image.")
-        parser.add_argument("--min_batch_size", type=int, default=model_handler.DEFAULT_MIN_BATCH_SIZE)
-        parser.add_argument("--max_batch_size", type=int, default=model_handler.DEFAULT_MAX_BATCH_SIZE)
-        parser.add_argument("--max_batch_bytes", type=int, default=model_handler.DEFAULT_MAX_BATCH_BYTES,
-                            help="Cap on the encoded bytes of one batch, so large images don't blow memory.")
-        parser.add_argument("--large_model", action="store_true",
-                            help="One model copy per machine shared by its processes (for big models).")
-        parser.add_argument("--model_copies", type=int, default=None,
-                            help="Exact model copies per machine (shares across processes).")
         parser.add_argument("--slice_column", choices=prediction.SLICE_COLUMNS, default=None,
                             help="Also slice eval.json by this column.")
-        parser.add_argument("--max_pixels", type=int, default=ImageSpec.max_pixels,
-                            help="Reject images with more pixels before decoding.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,29 +77,23 @@ class BatchPredictConfig:
     """Validated job configuration, built once from the options.
 
     Attributes:
+      inference: Model, input and batching settings shared with extract_embeddings.
       warehouse_uri: Where rows go when they go to a warehouse table; None
         writes JSON lines under ``artifacts_dir``.
     """
 
-    model_dir: str
-    input_spec: InputSpec
+    inference: InferenceConfig
     warehouse_uri: str | None
     artifacts_dir: str
     write_disposition: str
     top_k: int
-    min_batch_size: int
-    max_batch_size: int
-    max_batch_bytes: int
-    large_model: bool
-    model_copies: int | None
     slice_column: str | None
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "BatchPredictConfig":
         flags = options.view_as(BatchPredictOptions)
-        for name in ("model_dir", "input", "output"):
-            if not getattr(flags, name):
-                raise ValueError(f"--{name} is required")
+        if not flags.output:
+            raise ValueError("--output is required")
         if flags.top_k < 1:
             raise ValueError(f"--top_k must be >= 1. Received `top_k={flags.top_k}`")
         output = flags.output.rstrip("/")
@@ -130,28 +110,12 @@ class BatchPredictConfig:
                 f"parquet:{output}#{prediction.PREDICTIONS_PREFIX}" if flags.output_format == "parquet" else None
             )
         return cls(
-            model_dir=flags.model_dir.rstrip("/"),
-            input_spec=InputSpec.resolve(flags.input, flags.input_format, flags.max_pixels),
+            inference=InferenceConfig.from_options(options),
             warehouse_uri=warehouse_uri,
             artifacts_dir=artifacts_dir.rstrip("/"),
             write_disposition=flags.write_disposition,
             top_k=flags.top_k,
-            min_batch_size=flags.min_batch_size,
-            max_batch_size=flags.max_batch_size,
-            max_batch_bytes=flags.max_batch_bytes,
-            large_model=flags.large_model,
-            model_copies=flags.model_copies,
             slice_column=flags.slice_column,
-        )
-
-    def make_handler(self) -> ImageModelHandler:
-        return ImageModelHandler(
-            self.model_dir,
-            min_batch_size=self.min_batch_size,
-            max_batch_size=self.max_batch_size,
-            max_batch_bytes=self.max_batch_bytes,
-            large_model=self.large_model,
-            model_copies=self.model_copies,
         )
 
 
@@ -194,9 +158,9 @@ def run(argv: list[str] | None = None) -> PipelineResult:
     """Builds and runs the job; returns the finished pipeline's result."""
     options = make_pipeline_options(list(argv or []))
     config = BatchPredictConfig.from_options(options)
-    handler = config.make_handler()
+    handler = config.inference.make_handler()
     pipeline = beam.Pipeline(options=options)
-    images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.input_spec)
+    images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.inference.input_spec)
     rows, predict_letters = images | "BatchPredict" >> BatchPredict(handler, config.top_k)
     if config.warehouse_uri is None:
         _ = (

@@ -46,8 +46,8 @@ from schemas import embedding as embedding_schema
 from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri
 from transforms import model_handler
 from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters
-from transforms.images import ImageSpec
-from transforms.inference_inputs import INPUT_KINDS, READ_COUNTER, InputSpec, ReadImageInputs
+from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
+from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, ModelOutputs, PredictImages
 from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
 from transforms.warehouse import WriteEmbeddings
@@ -59,55 +59,32 @@ EMBEDDED_COUNTER = "embedded"
 REJECTED_COUNTER = "rejected"
 
 
-class ExtractEmbeddingsOptions(PipelineOptions):
+class ExtractEmbeddingsOptions(InferenceOptions):
     """The job's own flags; every other flag is a standard Beam option."""
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
         tolerate_shared_flags(parser)
-        parser.add_argument("--model_dir", default=None, help="Exported model dir (saved_model/, model_info.json).")
-        parser.add_argument("--input", default=None,
-                            help="Manifest CSV (uri[,label]), image glob, or dataset dir / TFRecord glob.")
-        parser.add_argument("--input_format", choices=("auto", *INPUT_KINDS), default="auto")
         parser.add_argument("--warehouse", default=DEFAULT_WAREHOUSE,
                             help="bigquery:PROJECT.DATASET.TABLE, duckdb:PATH[#TABLE] or parquet:DIR[#TABLE].")
         parser.add_argument("--write_disposition", choices=WRITE_DISPOSITIONS, default="append",
                             help="Append rows to the table or replace its contents.")
         parser.add_argument("--artifacts_dir", default=None,
                             help="Where rejected-*.jsonl goes (default: beside a DuckDB file / the Parquet root).")
-        parser.add_argument("--min_batch_size", type=int, default=model_handler.DEFAULT_MIN_BATCH_SIZE)
-        parser.add_argument("--max_batch_size", type=int, default=model_handler.DEFAULT_MAX_BATCH_SIZE)
-        parser.add_argument("--max_batch_bytes", type=int, default=model_handler.DEFAULT_MAX_BATCH_BYTES,
-                            help="Cap on the encoded bytes of one batch, so large images don't blow memory.")
-        parser.add_argument("--large_model", action="store_true",
-                            help="One model copy per machine shared by its processes (for big models).")
-        parser.add_argument("--model_copies", type=int, default=None,
-                            help="Exact model copies per machine (shares across processes).")
-        parser.add_argument("--max_pixels", type=int, default=ImageSpec.max_pixels,
-                            help="Reject images with more pixels before decoding.")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExtractEmbeddingsConfig:
     """Validated job configuration, built once from the options."""
 
-    model_dir: str
-    input_spec: InputSpec
+    inference: InferenceConfig
     warehouse_uri: str
     artifacts_dir: str
     write_disposition: str
-    min_batch_size: int
-    max_batch_size: int
-    max_batch_bytes: int
-    large_model: bool
-    model_copies: int | None
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "ExtractEmbeddingsConfig":
         flags = options.view_as(ExtractEmbeddingsOptions)
-        for name in ("model_dir", "input"):
-            if not getattr(flags, name):
-                raise ValueError(f"--{name} is required")
         warehouse = parse_warehouse_uri(flags.warehouse, embedding_schema.EMBEDDINGS_TABLE.default_table)
         artifacts_dir = flags.artifacts_dir
         if artifacts_dir is None and warehouse.kind == "duckdb":
@@ -117,26 +94,10 @@ class ExtractEmbeddingsConfig:
         if artifacts_dir is None:
             raise ValueError(f"--artifacts_dir is required with --warehouse {flags.warehouse} (for rejected-*.jsonl)")
         return cls(
-            model_dir=flags.model_dir.rstrip("/"),
-            input_spec=InputSpec.resolve(flags.input, flags.input_format, flags.max_pixels),
+            inference=InferenceConfig.from_options(options),
             warehouse_uri=flags.warehouse,
             artifacts_dir=artifacts_dir.rstrip("/"),
             write_disposition=flags.write_disposition,
-            min_batch_size=flags.min_batch_size,
-            max_batch_size=flags.max_batch_size,
-            max_batch_bytes=flags.max_batch_bytes,
-            large_model=flags.large_model,
-            model_copies=flags.model_copies,
-        )
-
-    def make_handler(self) -> ImageModelHandler:
-        return ImageModelHandler(
-            self.model_dir,
-            min_batch_size=self.min_batch_size,
-            max_batch_size=self.max_batch_size,
-            max_batch_bytes=self.max_batch_bytes,
-            large_model=self.large_model,
-            model_copies=self.model_copies,
         )
 
 
@@ -212,9 +173,9 @@ def run(argv: list[str] | None = None) -> PipelineResult:
     """Builds and runs the job; returns the finished pipeline's result."""
     options = make_pipeline_options(list(argv or []))
     config = ExtractEmbeddingsConfig.from_options(options)
-    handler = config.make_handler()
+    handler = config.inference.make_handler()
     pipeline = beam.Pipeline(options=options)
-    images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.input_spec)
+    images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.inference.input_spec)
     rows, embed_letters = images | "ExtractEmbeddings" >> ExtractEmbeddings(handler)
     _ = rows | "WriteEmbeddings" >> WriteEmbeddings(config.warehouse_uri, write_disposition=config.write_disposition)
     _ = (

@@ -1,0 +1,79 @@
+"""Flags and configuration shared by every job that runs the exported model over images.
+
+batch_predict and extract_embeddings read the same inputs and run the same
+``ImageModelHandler``; their common flags are declared once here so they
+cannot drift apart (names, defaults, validation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms import model_handler
+from transforms.images import ImageSpec
+from transforms.inference_inputs import INPUT_KINDS, InputSpec
+from transforms.runner_policy import tolerate_shared_flags
+
+
+class InferenceOptions(PipelineOptions):
+    """Model, input and batching flags of the inference jobs."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        tolerate_shared_flags(parser)
+        parser.add_argument("--model_dir", default=None, help="Exported model dir (saved_model/, model_info.json).")
+        parser.add_argument("--input", default=None,
+                            help="Manifest CSV (uri[,label]), image glob, or dataset dir / TFRecord glob.")
+        parser.add_argument("--input_format", choices=("auto", *INPUT_KINDS), default="auto")
+        parser.add_argument("--min_batch_size", type=int, default=model_handler.DEFAULT_MIN_BATCH_SIZE)
+        parser.add_argument("--max_batch_size", type=int, default=model_handler.DEFAULT_MAX_BATCH_SIZE)
+        parser.add_argument("--max_batch_bytes", type=int, default=model_handler.DEFAULT_MAX_BATCH_BYTES,
+                            help="Cap on the encoded bytes of one batch, so large images don't blow memory.")
+        parser.add_argument("--large_model", action="store_true",
+                            help="One model copy per machine shared by its processes (for big models).")
+        parser.add_argument("--model_copies", type=int, default=None,
+                            help="Exact model copies per machine (shares across processes).")
+        parser.add_argument("--max_pixels", type=int, default=ImageSpec.max_pixels,
+                            help="Reject images with more pixels before decoding.")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """Validated model, input and batching settings."""
+
+    model_dir: str
+    input_spec: InputSpec
+    min_batch_size: int
+    max_batch_size: int
+    max_batch_bytes: int
+    large_model: bool
+    model_copies: int | None
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> "InferenceConfig":
+        flags = options.view_as(InferenceOptions)
+        for name in ("model_dir", "input"):
+            if not getattr(flags, name):
+                raise ValueError(f"--{name} is required")
+        return cls(
+            model_dir=flags.model_dir.rstrip("/"),
+            input_spec=InputSpec.resolve(flags.input, flags.input_format, flags.max_pixels),
+            min_batch_size=flags.min_batch_size,
+            max_batch_size=flags.max_batch_size,
+            max_batch_bytes=flags.max_batch_bytes,
+            large_model=flags.large_model,
+            model_copies=flags.model_copies,
+        )
+
+    def make_handler(self) -> model_handler.ImageModelHandler:
+        return model_handler.ImageModelHandler(
+            self.model_dir,
+            min_batch_size=self.min_batch_size,
+            max_batch_size=self.max_batch_size,
+            max_batch_bytes=self.max_batch_bytes,
+            large_model=self.large_model,
+            model_copies=self.model_copies,
+        )
