@@ -28,12 +28,12 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from model_lib.preprocessing import make_preprocessing_fn
 from schemas import dataset, layout
-from transforms.dataset_records import BuildRecords, DedupeByContent, DeriveVocabulary, LoadImages
+from transforms.dataset_records import BuildRecords, DedupeByContent, LoadImages
 from transforms.dataset_summary import WriteDatasetInfo
 from transforms.dataset_writing import WriteDatasetSplits
 from transforms.dead_letters import WriteDeadLetters
 from transforms.images import ImageSpec
-from transforms.labeling import ResolveLabels, VotePolicy
+from transforms.labeling import AssignLabelIndices, DeriveVocabulary, ResolveLabels, VotePolicy
 from transforms.manifests import ReadCsvRows, expand_patterns
 from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
 from transforms.splitting import SplitSpec
@@ -54,7 +54,7 @@ class CreateDatasetOptions(PipelineOptions):
         parser.add_argument("--ratings", action="append", default=[],
                             help="CSV or glob of `uri,rater,label` rows from raters (repeatable).")
         parser.add_argument("--labels_file", default=None,
-                            help="One label per line; without it the sorted labels found are used.")
+                            help="One label per line; without it the sorted labels of the labeled images are used.")
         parser.add_argument("--output_dir", default=None, help="Dataset directory (local or gs://).")
         parser.add_argument("--split", default="80,10,10", help="Split fractions or percentages.")
         parser.add_argument("--split_names", default="train,valid,test")
@@ -174,16 +174,16 @@ class CreateDataset(beam.PTransform):
             rating_letters = pbegin | "NoRatingLetters" >> beam.Create([])
         labeled, label_letters = {"rows": rows, "ratings": ratings} | "ResolveLabels" >> ResolveLabels(
             config.vote_policy)
-        loaded, image_letters = labeled | "LoadImages" >> LoadImages(config.image_spec)
-        dedupe_letters = pbegin | "NoDedupeLetters" >> beam.Create([])
-        if config.dedupe == "content":
-            loaded, dedupe_letters = loaded | "DedupeByContent" >> DedupeByContent()
         if config.labels is not None:
             vocabulary = pbegin | "ReadVocabulary" >> beam.Create([config.labels])
         else:
-            vocabulary = loaded | "DeriveVocabulary" >> DeriveVocabulary()
-        records, record_letters = loaded | "BuildRecords" >> BuildRecords(
-            config.split_spec, config.dedupe, vocabulary)
+            vocabulary = labeled | "DeriveVocabulary" >> DeriveVocabulary()
+        indexed, index_letters = labeled | "AssignLabelIndices" >> AssignLabelIndices(vocabulary)
+        loaded, image_letters = indexed | "LoadImages" >> LoadImages(config.image_spec)
+        dedupe_letters = pbegin | "NoDedupeLetters" >> beam.Create([])
+        if config.dedupe == "content":
+            loaded, dedupe_letters = loaded | "DedupeByContent" >> DedupeByContent()
+        records, record_letters = loaded | "BuildRecords" >> BuildRecords(config.split_spec, config.dedupe)
         by_split = records | "WriteSplits" >> WriteDatasetSplits(
             config.output_dir, config.split_spec.names, config.num_shards)
         _ = (
@@ -200,7 +200,8 @@ class CreateDataset(beam.PTransform):
                 make_preprocessing_fn(spec.image_size, spec.channels, spec.resize_method),
             )
         letters = (
-            manifest_letters, rating_letters, label_letters, image_letters, dedupe_letters, record_letters
+            manifest_letters, rating_letters, label_letters, index_letters, image_letters, dedupe_letters,
+            record_letters,
         ) | "FlattenDeadLetters" >> beam.Flatten()
         _ = letters | "WriteDeadLetters" >> WriteDeadLetters(config.output_dir)
         read_rows = (

@@ -15,13 +15,12 @@ from apache_beam.metrics import Metrics
 
 from schemas import dataset
 from schemas.dead_letter import DeadLetter
-from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
+from transforms.dead_letters import METRICS_NAMESPACE, ToDeadLetters
 from transforms.images import ImageSpec, NormalizedImage, content_sha256, normalize_image, read_image_bytes
 from transforms.labeling import LabeledImage
 from transforms.splitting import SplitSpec, assign_split, image_id_for_content, image_id_for_uri
 
 DedupeMode = Literal["uri", "content"]
-UNKNOWN_LABEL = "unknown_label"
 DUPLICATE_CONTENT = "duplicate_content"
 
 
@@ -31,6 +30,7 @@ class LoadedImage:
 
     uri: str
     label: str
+    label_index: int
     input_ref: str
     sha256: str
     image: NormalizedImage
@@ -49,6 +49,7 @@ class LoadImageFn(beam.DoFn):
         yield LoadedImage(
             uri=labeled.uri,
             label=labeled.label,
+            label_index=labeled.label_index,
             input_ref=labeled.input_ref,
             sha256=content_sha256(data),
             image=normalize_image(data, self._spec),
@@ -102,38 +103,6 @@ class DedupeByContent(beam.PTransform):
         return results.kept, results[_KeepFirstByUriFn.DEAD_LETTERS]
 
 
-def image_label(image: LoadedImage) -> str:
-    return image.label
-
-
-class SortedLabelsFn(beam.CombineFn):
-    """Distinct labels in sorted order: the derived vocabulary."""
-
-    def create_accumulator(self) -> set[str]:
-        return set()
-
-    def add_input(self, accumulator: set[str], label: str) -> set[str]:
-        accumulator.add(label)
-        return accumulator
-
-    def merge_accumulators(self, accumulators: Iterable[set[str]]) -> set[str]:
-        return set().union(*accumulators)
-
-    def extract_output(self, accumulator: set[str]) -> list[str]:
-        return sorted(accumulator)
-
-
-class DeriveVocabulary(beam.PTransform):
-    """The sorted distinct labels, as a one-element PCollection holding a list."""
-
-    def expand(self, images: beam.PCollection[LoadedImage]) -> beam.PCollection[list[str]]:
-        return (
-            images
-            | "ExtractLabels" >> beam.Map(image_label)
-            | "SortDistinctLabels" >> beam.CombineGlobally(SortedLabelsFn())
-        )
-
-
 class BuildRecordFn(beam.DoFn):
     """LoadedImage -> dataset record dict (``schemas.dataset.DATASET_RECORD`` fields)."""
 
@@ -142,11 +111,7 @@ class BuildRecordFn(beam.DoFn):
         self._dedupe = dedupe
         self._written = Metrics.counter(METRICS_NAMESPACE, "written")
 
-    def process(self, image: LoadedImage, labels: list[str]) -> Iterable[dict[str, Any]]:
-        try:
-            label_index = labels.index(image.label)
-        except ValueError:
-            raise RejectedInput(UNKNOWN_LABEL, f"label {image.label!r} is not in the labels file") from None
+    def process(self, image: LoadedImage) -> Iterable[dict[str, Any]]:
         image_id = image_id_for_content(image.sha256) if self._dedupe == "content" else image_id_for_uri(image.uri)
         normalized = image.image
         self._written.inc()
@@ -154,7 +119,7 @@ class BuildRecordFn(beam.DoFn):
             dataset.IMAGE_ID: image_id,
             dataset.URI: image.uri,
             dataset.LABEL: image.label,
-            dataset.LABEL_INDEX: label_index,
+            dataset.LABEL_INDEX: image.label_index,
             dataset.SPLIT: assign_split(image_id, self._split_spec),
             dataset.IMAGE: normalized.encoded,
             dataset.FORMAT: normalized.format,
@@ -168,16 +133,15 @@ class BuildRecordFn(beam.DoFn):
 
 
 class BuildRecords(beam.PTransform):
-    """Assigns id, split and label index; returns ``(records, dead_letters)``."""
+    """Assigns id and split; returns ``(records, dead_letters)``."""
 
-    def __init__(self, split_spec: SplitSpec, dedupe: DedupeMode, vocabulary: beam.PCollection[list[str]]):
+    def __init__(self, split_spec: SplitSpec, dedupe: DedupeMode):
         super().__init__()
         self._split_spec = split_spec
         self._dedupe = dedupe
-        self._vocabulary = vocabulary
 
     def expand(self, images: beam.PCollection[LoadedImage]):
         records, failed = images | "AssignIdsAndSplits" >> beam.ParDo(
-            BuildRecordFn(self._split_spec, self._dedupe), labels=beam.pvalue.AsSingleton(self._vocabulary)
+            BuildRecordFn(self._split_spec, self._dedupe)
         ).with_exception_handling()
         return records, failed | "RecordFailuresToDeadLetters" >> ToDeadLetters("build_record")

@@ -16,12 +16,13 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.dead_letter import DeadLetter
-from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput
+from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
 from transforms.manifests import ManifestRow, Rating
 
 VotePolicyName = Literal["reject", "keep_top"]
 
 NO_LABEL = "no_label"
+UNKNOWN_LABEL = "unknown_label"
 TIED_VOTE = "tied_vote"
 LOW_AGREEMENT = "low_agreement"
 DUPLICATE_URI = "duplicate_uri"
@@ -87,12 +88,16 @@ def majority_vote(votes: Sequence[str], policy: VotePolicy) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LabeledImage:
-    """An image with its resolved label; ``input_ref`` is its first manifest row."""
+    """An image with its resolved label; ``input_ref`` is its first manifest row.
+
+    ``label_index`` is None until ``AssignLabelIndices`` sets it.
+    """
 
     uri: str
     label: str
     input_ref: str
     votes: int
+    label_index: int | None = None
 
 
 class _ResolveLabelFn(beam.DoFn):
@@ -155,3 +160,70 @@ class ResolveLabels(beam.PTransform):
             _ResolveLabelFn.DEAD_LETTERS, main="labeled"
         )
         return results.labeled, results[_ResolveLabelFn.DEAD_LETTERS]
+
+
+def image_label(image: LabeledImage) -> str:
+    return image.label
+
+
+class SortedLabelsFn(beam.CombineFn):
+    """Distinct labels in sorted order: the derived vocabulary."""
+
+    def create_accumulator(self) -> set[str]:
+        return set()
+
+    def add_input(self, accumulator: set[str], label: str) -> set[str]:
+        accumulator.add(label)
+        return accumulator
+
+    def merge_accumulators(self, accumulators: Iterable[set[str]]) -> set[str]:
+        return set().union(*accumulators)
+
+    def extract_output(self, accumulator: set[str]) -> list[str]:
+        return sorted(accumulator)
+
+
+class DeriveVocabulary(beam.PTransform):
+    """The sorted distinct labels, as a one-element PCollection holding a list.
+
+    It is derived from the labeled image references, before any image is
+    read, so the step that assigns label indices never waits on (and a local
+    runner never buffers) the decoded images.
+    """
+
+    def expand(self, images: beam.PCollection[LabeledImage]) -> beam.PCollection[list[str]]:
+        return (
+            images
+            | "ExtractLabels" >> beam.Map(image_label)
+            | "SortDistinctLabels" >> beam.CombineGlobally(SortedLabelsFn())
+        )
+
+
+class AssignLabelIndexFn(beam.DoFn):
+    """Sets ``label_index`` from the vocabulary; unknown labels raise ``RejectedInput``."""
+
+    def process(self, image: LabeledImage, labels: list[str]) -> Iterable[LabeledImage]:
+        try:
+            index = labels.index(image.label)
+        except ValueError:
+            raise RejectedInput(UNKNOWN_LABEL, f"label {image.label!r} is not in the labels file") from None
+        yield dataclasses.replace(image, label_index=index)
+
+
+class AssignLabelIndices(beam.PTransform):
+    """LabeledImage -> (LabeledImage with label_index, DeadLetter).
+
+    Indices are assigned before images are read: the vocabulary side input
+    then holds back only these small references, never decoded images, and
+    images with unknown labels are rejected without reading their files.
+    """
+
+    def __init__(self, vocabulary: beam.PCollection[list[str]]):
+        super().__init__()
+        self._vocabulary = vocabulary
+
+    def expand(self, labeled: beam.PCollection[LabeledImage]):
+        indexed, failed = labeled | "LookUpLabelIndex" >> beam.ParDo(
+            AssignLabelIndexFn(), labels=beam.pvalue.AsSingleton(self._vocabulary)
+        ).with_exception_handling()
+        return indexed, failed | "UnknownLabelsToDeadLetters" >> ToDeadLetters(STAGE)
