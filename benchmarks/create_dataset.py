@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in args.counts.split(",")]
     modes = {
         "in-memory, with tf.Transform analysis": [],
+        "in-memory, --skip_analysis": ["--skip_analysis"],
         "multi-processing x2, with tf.Transform analysis": [
             "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
         "multi-processing x2, --skip_analysis": [
