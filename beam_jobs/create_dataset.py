@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import sys
@@ -39,8 +40,13 @@ from transforms.runner_policy import make_pipeline_options, tolerate_shared_flag
 from transforms.splitting import SplitSpec
 from transforms.tft_analysis import AnalyzeAndWriteTransform
 
-_LOGGER = logging.getLogger(__name__)
-PACKAGE_VERSION = "0.1.0"
+
+def package_version() -> str:
+    """The installed vision-pipelines version (setup.py is its one source)."""
+    try:
+        return importlib.metadata.version("vision-pipelines")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 class CreateDatasetOptions(PipelineOptions):
@@ -134,7 +140,7 @@ class CreateDatasetConfig:
             "vote_policy": self.vote_policy.on_disagreement,
             **dataclasses.asdict(self.image_spec),
             "num_shards": self.num_shards,
-            "package_version": PACKAGE_VERSION,
+            "package_version": package_version(),
         }
 
 

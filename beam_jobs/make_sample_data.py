@@ -12,8 +12,6 @@ import logging
 
 from model_lib import sample_data
 
-_LOGGER = logging.getLogger(__name__)
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vision-pipelines make-sample-data", description=__doc__)

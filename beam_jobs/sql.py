@@ -42,8 +42,6 @@ from transforms.sql_queries import (
     run_sql,
 )
 
-_LOGGER = logging.getLogger(__name__)
-
 OutputFormat = Literal["table", "csv", "json"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "csv", "json")
 _TABLE_VECTOR_VALUES = 4  # Vector cells show this many values in the terminal table.

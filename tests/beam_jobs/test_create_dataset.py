@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
-import json
 import os
 import shutil
 
@@ -80,6 +80,7 @@ def test_png_round_trip_returns_every_image_exactly_with_its_label(digits, tmp_p
         assert os.path.exists(os.path.join(out, name)), name
     assert open(os.path.join(out, layout.LABELS_FILE)).read().split() == digits.labels
     assert info["counts"]["train"]["total"] > info["counts"]["test"]["total"] > 0
+    assert info["parameters"]["package_version"] == importlib.metadata.version("vision-pipelines")
     assert sum(c["total"] for c in info["counts"].values()) == DIGITS
 
     # The transform graph standardizes pixels with train-split statistics.
@@ -173,7 +174,7 @@ def test_content_dedupe_merges_identical_files_into_one_record(digits, tmp_path)
     records = _records(out)
     assert len(records) == 6
     letters = read_dead_letters(out)
-    assert [(l.error_type, l.input_ref) for l in letters] == [("duplicate_content", f"{manifest}:7")]
+    assert [(letter.error_type, letter.input_ref) for letter in letters] == [("duplicate_content", f"{manifest}:7")]
     first = next(r for r in records if r["uri"] == rows[0][0])
     assert first["image_id"] == first["sha256"][:32]
     assert info["accounting"] == {"read": 7, "written": 6, "rejected": 1, "balanced": True}
@@ -220,7 +221,7 @@ def test_gcs_input_and_output_through_the_storage_emulator(gcs_emulator, digits)
     info = _run(manifest, out, "--image_size", "16", "--channels", "1", "--image_format", "png",
                 "--skip_analysis")
     assert info["accounting"] == {"read": 31, "written": 30, "rejected": 1, "balanced": True}
-    assert [l.error_type for l in read_dead_letters(out)] == ["missing_file"]
+    assert [letter.error_type for letter in read_dead_letters(out)] == ["missing_file"]
     shards = FileSystems.match([layout.split_pattern(out, "train")])[0].metadata_list
     assert shards
     local = [gcs_emulator.local_path(m.path) for m in shards]
