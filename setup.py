@@ -26,6 +26,7 @@ TEST_REQUIREMENTS = [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "hypothesis>=6.100",
+    "ruff>=0.6",
     "gcp-storage-emulator>=2024.8.3",
     "bqemulator==1.4.0",
 ]

@@ -69,8 +69,9 @@ def format_report(board: dict, wall_seconds: float, seeds: list[int], command: s
         )
     lines += [
         "",
-        f"- Test split of {rows[0]['test_count']} images: mean test accuracy {sum(accuracies) / len(accuracies):.4f}, min {min(accuracies):.4f} over seeds "
-        f"{seeds}; quality bar (issue 3) >= {QUALITY_BAR}: "
+        f"- Test split of {rows[0]['test_count']} images: mean test accuracy "
+        f"{sum(accuracies) / len(accuracies):.4f}, min {min(accuracies):.4f} over seeds {seeds}; "
+        f"quality bar (issue 3) >= {QUALITY_BAR}: "
         f"{'met' if min(accuracies) >= QUALITY_BAR else 'NOT met'} by every seed.",
         f"- Job wall time for {len(rows)} trials: {wall_seconds:.0f} s (includes TensorFlow start-up, "
         "evaluation and export of every trial). `fit seconds` is Keras fitting only.",

@@ -36,9 +36,9 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.utils import multi_process_shared, shared
 
 from schemas import model_artifacts
+from schemas import prediction as prediction_schema
 from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
-from schemas import prediction as prediction_schema
 from transforms.dead_letters import METRICS_NAMESPACE, ToDeadLetters
 
 _LOGGER = logging.getLogger(__name__)

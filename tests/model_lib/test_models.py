@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 from model_lib import augmentation, models
 from schemas.model_artifacts import EMBEDDING_LAYER_NAME

@@ -8,12 +8,20 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from transforms.dead_letters import RejectedInput
 from transforms.labeling import (
-    DUPLICATE_URI, LOW_AGREEMENT, NO_LABEL, RATING_FOR_UNKNOWN_IMAGE, TIED_VOTE,
-    LabeledImage, ResolveLabels, VotePolicy, majority_vote,
+    DUPLICATE_URI,
+    LOW_AGREEMENT,
+    NO_LABEL,
+    RATING_FOR_UNKNOWN_IMAGE,
+    TIED_VOTE,
+    LabeledImage,
+    ResolveLabels,
+    VotePolicy,
+    majority_vote,
 )
 from transforms.manifests import ManifestRow, Rating
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import collections
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from transforms.splitting import SplitSpec, assign_split, image_id_for_uri, normalize_uri
 
