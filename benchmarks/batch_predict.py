@@ -197,7 +197,7 @@ def report(count: int, results: dict[str, dict[str, dict[str, Any]]], command: s
         "",
         f"Command: `{command}`",
         f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, no GPU, local FnApiRunner; "
-        "shared with other work while it ran, so expect a few percent of noise.",
+        "all approaches in one run, one after another; compare rows within a run.",
         "",
         "| model | approach | images | seconds | images/s | vs raw TF | vs naive | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -56,7 +56,7 @@ def format_report(board: dict, wall_seconds: float, seeds: list[int], command: s
         "",
         f"Command: `{command}`",
         f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, no GPU, local FnApiRunner "
-        "(trials one after another); shared with other work while it ran.",
+        "(trials one after another).",
         "",
         "| seed | test accuracy | test macro F1 | val accuracy | epochs run | best epoch | fit seconds |",
         "|---:|---:|---:|---:|---:|---:|---:|",
