@@ -32,14 +32,13 @@ import sys
 from typing import Any, Iterable
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from schemas import layout, prediction
 from schemas.warehouse import WAREHOUSE_KINDS, WRITE_DISPOSITIONS, parse_warehouse_uri
 from transforms import model_handler
-from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters
+from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters, counter_total
 from transforms.inference_inputs import ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, PredictImages
@@ -187,12 +186,6 @@ def run(argv: list[str] | None = None) -> PipelineResult:
     result = pipeline.run()
     result.wait_until_finish()
     return result
-
-
-def counter_total(result: PipelineResult, name: str) -> int:
-    """Sum of one of the job's counters over every step that reports it."""
-    counters = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))["counters"]
-    return int(sum(c.committed if c.committed is not None else c.attempted for c in counters))
 
 
 def accounting(result: PipelineResult) -> dict[str, int]:

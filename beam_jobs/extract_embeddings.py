@@ -38,14 +38,13 @@ from typing import Any, Iterable
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from schemas import embedding as embedding_schema
 from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri
 from transforms import model_handler
-from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters
+from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters, counter_total
 from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, ModelOutputs, PredictImages
@@ -190,12 +189,7 @@ def run(argv: list[str] | None = None) -> PipelineResult:
 
 def accounting(result: PipelineResult) -> dict[str, int]:
     """``read``, ``embedded`` and ``rejected`` from the run's metrics."""
-    counts = {}
-    for name in (READ_COUNTER, EMBEDDED_COUNTER, REJECTED_COUNTER):
-        counters = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))
-        counts[name] = int(sum(c.committed if c.committed is not None else c.attempted
-                               for c in counters["counters"]))
-    return counts
+    return {name: counter_total(result, name) for name in (READ_COUNTER, EMBEDDED_COUNTER, REJECTED_COUNTER)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,7 +132,11 @@ class Train(beam.PTransform):
 def run(argv: list[str] | None = None) -> PipelineResult:
     """Builds and runs the job; returns the finished pipeline's result."""
     options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv))
-    config = TrainConfig.from_options(options)
+    return execute(options, TrainConfig.from_options(options))
+
+
+def execute(options: PipelineOptions, config: TrainConfig) -> PipelineResult:
+    """Runs the job for an already parsed configuration (the trial spec is read once)."""
     _LOGGER.info("training %d trial(s) on %s", len(config.trials), config.dataset_dir)
     pipeline = beam.Pipeline(options=options)
     # No reshuffle here: RunTrials spreads the trials itself, one per worker in turn.
@@ -175,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
       0, or 1 when no trial succeeded or trials read != succeeded + failed.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config = TrainConfig.from_options(make_pipeline_options(argv))
-    run(argv)
+    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv))
+    config = TrainConfig.from_options(options)
+    execute(options, config)
     board = read_leaderboard(config.output_dir)
     print(format_summary(board))
     accounted = len(board["trials"]) + len(board["failed"])

@@ -7,8 +7,6 @@ from apache_beam.io.filesystems import FileSystems
 # create_dataset output directory.
 LABELS_FILE = "labels.txt"
 SCHEMA_FILE = "schema.pbtxt"
-TRANSFORM_FN_DIR = "transform_fn"
-TRANSFORMED_METADATA_DIR = "transformed_metadata"
 DATASET_INFO_FILE = "dataset_info.json"
 TFRECORD_SUFFIX = ".tfrecord.gz"
 REJECTED_PREFIX = "rejected"

@@ -55,4 +55,3 @@ SLICE_COLUMNS = (SPLIT, SOURCE)
 # eval.json and rejected-*.jsonl (schemas.layout) in the output directory.
 PREDICTIONS_PREFIX = "predictions"
 EVAL_FILE = "eval.json"
-BIGQUERY_SCHEME = "bigquery:"

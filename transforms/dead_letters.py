@@ -6,6 +6,8 @@ from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.runner import PipelineResult
 
 from schemas import layout
 from schemas.dead_letter import DeadLetter
@@ -80,6 +82,15 @@ class _CountRejectionsFn(beam.DoFn):
         Metrics.counter(METRICS_NAMESPACE, f"rejected_{letter.error_type}").inc()
         Metrics.counter(METRICS_NAMESPACE, "rejected").inc()
         yield letter
+
+
+def counter_total(result: PipelineResult, name: str) -> int:
+    """Sum of one of the jobs' counters (``read``, ``rejected``, ...) over every step reporting it.
+
+    Jobs check their accounting (read = written + rejected) from these totals.
+    """
+    counters = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))["counters"]
+    return int(sum(c.committed if c.committed is not None else c.attempted for c in counters))
 
 
 def dead_letter_to_json(letter: DeadLetter) -> str:

@@ -57,10 +57,6 @@ def make_pipeline_options(beam_args: list[str], *, streaming: bool = False) -> P
     return options
 
 
-def runner_name(options: PipelineOptions) -> str:
-    return str(options.view_as(StandardOptions).runner)
-
-
 def tolerate_shared_flags(parser: argparse.ArgumentParser) -> None:
     """Lets a flag be defined by several jobs' PipelineOptions classes.
 
