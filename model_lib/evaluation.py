@@ -1,19 +1,20 @@
-"""Evaluation of a trained classifier: metrics.json content and PNG plots.
+"""Evaluation of a trained classifier on a dataset split, and the PNG plots of a model directory.
 
-Metrics are computed with scikit-learn from the model's predictions on a
-split, so they are the same definitions the batch_predict job's evaluation
-uses (precision/recall/F1 per class with zero_division=0, macro F1).
+The metrics come from ``model_lib.metrics`` (the one implementation,
+shared with batch_predict's eval.json) over the model's full label list;
+this module only runs the model to get predictions and probabilities.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn import metrics as sk_metrics
+
+from model_lib import metrics
+from schemas.classification_metrics import SplitEvaluation
 
 TRAINING_CURVES_PLOT = "training_curves.png"
 CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
@@ -35,52 +36,22 @@ def predict_split(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.ndar
     return np.concatenate(truths).astype(np.int64), np.concatenate(probabilities).astype(np.float32)
 
 
-def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Accuracy, cross-entropy, per-class precision/recall/F1, macro F1, confusion matrix.
+def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, labels: list[str]) -> SplitEvaluation:
+    """The shared classification metrics of the top-1 predictions, plus the cross-entropy loss.
 
     Args:
       y_true: Label indices into ``labels``.
       probabilities: ``[N, len(labels)]`` predicted probabilities.
-      labels: Class names in index order.
-
-    Returns:
-      A JSON-serializable dict; ``confusion_matrix[i][j]`` counts true class i
-      predicted as j.
+      labels: Class names in index order (the model's full label list).
     """
-    classes = list(range(len(labels)))
-    y_pred = probabilities.argmax(axis=1)
-    precision, recall, f1, support = sk_metrics.precision_recall_fscore_support(
-        y_true, y_pred, labels=classes, zero_division=0
-    )
-    clipped = np.clip(probabilities[np.arange(len(y_true)), y_true], 1e-7, 1.0)
-    return {
-        "count": int(len(y_true)),
-        "accuracy": float(sk_metrics.accuracy_score(y_true, y_pred)),
-        "loss": float(-np.mean(np.log(clipped))),
-        "macro_f1": float(sk_metrics.f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
-        "per_class": {
-            label: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, label in enumerate(labels)
-        },
-        "confusion_matrix": sk_metrics.confusion_matrix(y_true, y_pred, labels=classes).tolist(),
-    }
+    shared = metrics.classification_metrics(y_true, probabilities.argmax(axis=1), labels)
+    return SplitEvaluation(**shared.shared_values(), loss=metrics.cross_entropy(y_true, probabilities))
 
 
-def evaluate(model: keras.Model, batches: tf.data.Dataset, labels: list[str]) -> dict[str, Any]:
+def evaluate(model: keras.Model, batches: tf.data.Dataset, labels: list[str]) -> SplitEvaluation:
     """``classification_metrics`` of the model on one split's batches."""
     y_true, probabilities = predict_split(model, batches)
     return classification_metrics(y_true, probabilities, labels)
-
-
-def write_json(path: str, content: dict[str, Any]) -> None:
-    """Writes JSON (local or gs://) with sorted keys, for stable diffs."""
-    with tf.io.gfile.GFile(path, "w") as handle:
-        handle.write(json.dumps(content, indent=2, sort_keys=True))
 
 
 def _save_figure(figure: Any, path: str) -> None:

@@ -11,15 +11,14 @@ then shuffled, batched and prefetched. Targets are the record's
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from typing import Any
 
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from model_lib import dataset_io, preprocessing
 from schemas import dataset, layout
+from schemas.dataset_info import DatasetInfo
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class DatasetSummary:
 
 
 def read_summary(dataset_dir: str) -> DatasetSummary:
-    """Reads dataset_info.json and labels.txt of a create_dataset output.
+    """Reads dataset_info.json (``schemas.dataset_info.DatasetInfo``) and labels.txt of a create_dataset output.
 
     Raises:
       FileNotFoundError: when ``dataset_dir`` is not a create_dataset output.
@@ -85,24 +84,18 @@ def read_summary(dataset_dir: str) -> DatasetSummary:
     for path in (info_path, labels_path):
         if not tf.io.gfile.exists(path):
             raise FileNotFoundError(f"{path} not found: is {dataset_dir!r} a create_dataset output directory?")
-    with tf.io.gfile.GFile(info_path) as handle:
-        info: dict[str, Any] = json.load(handle)
+    info = DatasetInfo.read(dataset_dir)
     with tf.io.gfile.GFile(labels_path) as handle:
         labels = [line.strip() for line in handle if line.strip()]
-    parameters = dict(info.get("parameters", {}))
-    counts = {
-        str(split): int(value["total"] if isinstance(value, dict) else value)
-        for split, value in dict(info.get("counts", {})).items()
-    }
     return DatasetSummary(
         dataset_dir=dataset_dir,
-        image_size=int(info["image_size"]),
-        channels=int(info["channels"]),
-        resize_method=str(info.get("resize_method", "stretch")),
+        image_size=info.image_size,
+        channels=info.channels,
+        resize_method=info.resize_method,
         labels=labels,
-        fingerprint=str(info.get("fingerprint", "")),
-        counts=counts,
-        split_names=tuple(parameters.get("split_names", DEFAULT_SPLIT_NAMES)),
+        fingerprint=info.fingerprint,
+        counts={split: counts.total for split, counts in info.counts.items()},
+        split_names=tuple(info.split_names),
     )
 
 

@@ -1,8 +1,9 @@
 """The ``dataset_info.json`` summary: counts, rejections, parameters, fingerprint.
 
-It also checks the accounting invariant ``written + rejected == read``, where
-``read`` counts manifest data rows and ``rejected`` counts dead letters about
-images (rating-file rejections are reported separately: they are not images).
+The file is a ``schemas.dataset_info.DatasetInfo``. Its accounting records
+the invariant ``written + rejected == read``, where ``read`` counts manifest
+data rows and ``rejected`` counts dead letters about images (rating-file
+rejections are reported separately: they are not images).
 """
 
 from __future__ import annotations
@@ -10,21 +11,19 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
-import json
 import logging
 from typing import Any, Iterable
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
-from schemas import dataset, layout
+from schemas import counters, dataset
+from schemas.dataset_info import Accounting, DatasetInfo, SplitCounts
 from schemas.dead_letter import DeadLetter
-from transforms.manifests import STAGES
 
 _LOGGER = logging.getLogger(__name__)
 
 # Dead letters from these stages are about rating rows, not images.
-RATING_STAGES = (STAGES["ratings"],)
+RATING_STAGES = (counters.READ_RATINGS_STAGE,)
 _FINGERPRINT_MODULUS = 2**256
 
 
@@ -70,46 +69,54 @@ def build_dataset_info(
     fingerprint: str,
     labels: list[str],
     parameters: dict[str, Any],
-) -> dict[str, Any]:
-    """Assembles the summary dict from the pipeline's side inputs."""
+) -> DatasetInfo:
+    """Assembles the ``DatasetInfo`` from the pipeline's side inputs.
+
+    ``parameters`` are create_dataset's settings (``CreateDatasetConfig.parameters``):
+    the split names and image settings are taken from them.
+    """
     per_split: dict[str, dict[str, int]] = collections.defaultdict(dict)
     for (split, label), count in sorted(split_label_counts):
         per_split[split][label] = count
-    split_names = parameters["split_names"]
-    counts = {name: {"total": sum(per_split.get(name, {}).values()), "labels": per_split.get(name, {})}
+    split_names = list(parameters["split_names"])
+    counts = {name: SplitCounts(total=sum(per_split.get(name, {}).values()), labels=per_split.get(name, {}))
               for name in split_names}
     rejected_images = {reason: count for (kind, reason), count in sorted(rejection_counts) if kind == "images"}
     rejected_ratings = {reason: count for (kind, reason), count in sorted(rejection_counts) if kind == "ratings"}
-    written = sum(c["total"] for c in counts.values())
-    rejected = sum(rejected_images.values())
-    return {
-        "counts": counts,
-        "labels": labels,
-        "rejected": rejected_images,
-        "rejected_ratings": rejected_ratings,
-        "accounting": {"read": read, "written": written, "rejected": rejected, "balanced": written + rejected == read},
-        "fingerprint": fingerprint,
-        "image_size": parameters["image_size"],
-        "channels": parameters["channels"],
-        "resize_method": parameters["resize_method"],
-        "image_format": parameters["image_format"],
-        "parameters": parameters,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return DatasetInfo(
+        counts=counts,
+        split_names=split_names,
+        labels=list(labels),
+        rejected=rejected_images,
+        rejected_ratings=rejected_ratings,
+        accounting=Accounting(
+            read=read, written=sum(c.total for c in counts.values()), rejected=sum(rejected_images.values())),
+        fingerprint=fingerprint,
+        image_size=parameters["image_size"],
+        channels=parameters["channels"],
+        resize_method=parameters["resize_method"],
+        image_format=parameters["image_format"],
+        parameters=parameters,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
-class WriteJsonFn(beam.DoFn):
-    """Writes one dict as a pretty JSON file (local or gs://)."""
+class WriteDatasetInfoFn(beam.DoFn):
+    """Writes the ``DatasetInfo`` to ``output_dir/dataset_info.json`` whole or not at all.
 
-    def __init__(self, path: str):
-        self._path = path
+    An unbalanced accounting is logged here for runs launched without the
+    job's ``main`` (which exits non-zero on it), and written all the same: the
+    file is the record of what went missing.
+    """
 
-    def process(self, info: dict[str, Any]) -> Iterable[dict[str, Any]]:
-        accounting = info["accounting"]
-        if not accounting["balanced"]:
-            _LOGGER.error("accounting does not balance: %s", accounting)
-        with FileSystems.create(self._path) as handle:
-            handle.write(json.dumps(info, indent=2, sort_keys=True).encode("utf-8"))
+    def __init__(self, output_dir: str):
+        self._output_dir = output_dir
+
+    def process(self, info: DatasetInfo) -> Iterable[DatasetInfo]:
+        problem = info.accounting.mismatch()
+        if problem:
+            _LOGGER.error("accounting does not balance: %s", problem)
+        info.write(self._output_dir)
         yield info
 
 
@@ -121,7 +128,7 @@ class WriteDatasetInfo(beam.PTransform):
         self._output_dir = output_dir
         self._parameters = parameters
 
-    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection[dict[str, Any]]:
+    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection[DatasetInfo]:
         records, letters, read_rows, vocabulary = (
             inputs["records"], inputs["dead_letters"], inputs["read_rows"], inputs["vocabulary"])
         split_label_counts = records | "KeySplitAndLabel" >> beam.Map(split_and_label) | (
@@ -143,5 +150,5 @@ class WriteDatasetInfo(beam.PTransform):
                 labels=beam.pvalue.AsSingleton(vocabulary),
                 parameters=self._parameters,
             )
-            | "WriteDatasetInfo" >> beam.ParDo(WriteJsonFn(layout.join(self._output_dir, layout.DATASET_INFO_FILE)))
+            | "WriteDatasetInfo" >> beam.ParDo(WriteDatasetInfoFn(self._output_dir))
         )

@@ -1,21 +1,24 @@
 """Sliced evaluation of prediction rows whose true label is known (batch_predict's eval.json).
 
 Rows are reduced to confusion counts with one ``CombineFn`` (so millions of
-rows cost a few counters), and the report is computed from the counts by a
-pure function: accuracy, per-class precision/recall/F1, the confusion matrix,
-and accuracy sliced by true label and by an optional slice column.
+rows cost a few counters), and the report is computed from the counts by
+``model_lib.metrics``, the implementation train's metrics.json uses:
+accuracy, per-class and macro precision/recall/F1 and the confusion matrix
+over the model's full label list, plus accuracy sliced by true label and by
+an optional slice column. The report is an ``EvalReport``
+(``schemas.classification_metrics``), written whole or not at all.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
+from model_lib import metrics
 from schemas import prediction
+from schemas.classification_metrics import EvalReport
 
 NO_VALUE = "(none)"
 
@@ -60,82 +63,47 @@ class ConfusionCountsFn(beam.CombineFn):
         return counts
 
 
-def _ratio(numerator: int, denominator: int) -> float:
-    return numerator / denominator if denominator else 0.0
-
-
-def _accuracy_slice(confusion: collections.Counter) -> dict[str, Any]:
-    count = sum(confusion.values())
-    correct = sum(n for (true_label, predicted), n in confusion.items() if true_label == predicted)
-    return {"count": count, "accuracy": _ratio(correct, count)}
+def report_labels(model_labels: Sequence[str], confusion: collections.Counter) -> list[str]:
+    """The model's labels, then the true labels it does not know (sorted) so they are scored too."""
+    known = list(model_labels)
+    return known + sorted({label for pair in confusion for label in pair} - set(known))
 
 
 def evaluation_report(
     counts: Counts, labels: Sequence[str], *, slice_column: str | None = None, model_version: str = ""
-) -> dict[str, Any]:
-    """The eval.json document from confusion counts.
+) -> EvalReport:
+    """The eval.json report from confusion counts.
+
+    The metrics are ``model_lib.metrics``' (the definitions train's
+    metrics.json uses) over ``report_labels``; the counts are exact sample
+    weights, so the numbers equal scoring every row one by one.
 
     Args:
       counts: Output of ``ConfusionCountsFn``.
-      labels: The model's labels; true labels the model does not know are
-        appended (sorted) so they are scored too (with recall 0).
+      labels: The model's labels.
       slice_column: The column ``counts["slices"]`` was keyed by, if any.
       model_version: Recorded so the report names the model it scores.
 
-    Returns:
-      ``count``, ``accuracy``, ``macro_precision/recall/f1`` (over classes
-      that occur as true or predicted labels), ``per_class``,
-      ``confusion_matrix`` (rows true, columns predicted) and ``slices``.
+    Raises:
+      ValueError: ``counts`` holds no scored row.
     """
     confusion: collections.Counter = counts["confusion"]
-    known = list(labels)
-    extra = sorted({label for pair in confusion for label in pair} - set(known))
-    classes = known + extra
-    per_class: dict[str, dict[str, Any]] = {}
-    for label in classes:
-        true_positives = confusion[(label, label)]
-        predicted = sum(n for (_, p), n in confusion.items() if p == label)
-        support = sum(n for (t, _), n in confusion.items() if t == label)
-        precision = _ratio(true_positives, predicted)
-        recall = _ratio(true_positives, support)
-        per_class[label] = {
-            "precision": precision,
-            "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "support": support,
+    classes = report_labels(labels, confusion)
+    shared = metrics.metrics_from_counts(confusion, classes)
+    slices = {
+        prediction.TRUE_LABEL: {
+            label: metrics.slice_accuracy({k: n for k, n in confusion.items() if k[0] == label}, classes)
+            for label in sorted({t for t, _ in confusion})
         }
-    present = [
-        label for label in classes
-        if per_class[label]["support"] or any(p == label for (_, p) in confusion)
-    ]
-    report: dict[str, Any] = {
-        "model_version": model_version,
-        **_accuracy_slice(confusion),
-        **{
-            f"macro_{metric}": sum(per_class[c][metric] for c in present) / len(present) if present else 0.0
-            for metric in ("precision", "recall", "f1")
-        },
-        "per_class": per_class,
-        "confusion_matrix": {
-            "labels": classes,
-            "matrix": [[confusion[(t, p)] for p in classes] for t in classes],
-        },
     }
-    by_label = {
-        label: _accuracy_slice(collections.Counter({k: n for k, n in confusion.items() if k[0] == label}))
-        for label in classes if per_class[label]["support"]
-    }
-    slices: dict[str, Any] = {prediction.TRUE_LABEL: by_label}
     if slice_column is not None:
         values = sorted({value for value, _, _ in counts["slices"]})
         slices[slice_column] = {
-            value: _accuracy_slice(
-                collections.Counter({(t, p): n for (v, t, p), n in counts["slices"].items() if v == value})
-            )
+            value: metrics.slice_accuracy(
+                {(t, p): n for (v, t, p), n in counts["slices"].items() if v == value}, classes)
             for value in values
         }
-    report["slices"] = slices
-    return report
+    return EvalReport(**shared.shared_values(), model_version=model_version, slices=slices)
 
 
 class WriteEvalReportFn(beam.DoFn):
@@ -153,9 +121,7 @@ class WriteEvalReportFn(beam.DoFn):
         report = evaluation_report(
             counts, self._labels, slice_column=self._slice_column, model_version=self._model_version
         )
-        with FileSystems.create(self._path) as handle:
-            handle.write(json.dumps(report, indent=2, sort_keys=True).encode("utf-8"))
-        yield self._path
+        yield report.write(self._path)
 
 
 class WriteEvaluation(beam.PTransform):
