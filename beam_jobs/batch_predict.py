@@ -43,7 +43,7 @@ from transforms.inference_inputs import ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, PredictImages
 from transforms.prediction_eval import WriteEvaluation
-from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
+from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.warehouse import WriteToWarehouse
 
 _LOGGER = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def row_to_json(row: dict[str, Any]) -> str:
 
 def run(argv: list[str] | None = None) -> PipelineResult:
     """Builds and runs the job; returns the finished pipeline's result."""
-    options = make_pipeline_options(list(argv or []))
+    options = make_pipeline_options(list(argv or []), job_options=BatchPredictOptions)
     config = BatchPredictConfig.from_options(options)
     handler = config.inference.make_handler()
     pipeline = beam.Pipeline(options=options)
@@ -197,6 +197,10 @@ def accounting(result: PipelineResult) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # Flag and configuration errors end here, in one line and exit status 2, before anything runs.
+        BatchPredictConfig.from_options(make_pipeline_options(list(argv or []), job_options=BatchPredictOptions))
+    except ValueError as error:
+        return report_usage_error("batch-predict", error)
     counts = accounting(run(argv))
     print(json.dumps(counts, sort_keys=True))
     if counts["read"] != counts[PREDICTED_COUNTER] + counts["rejected"]:

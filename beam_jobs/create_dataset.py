@@ -36,7 +36,7 @@ from transforms.dead_letters import WriteDeadLetters
 from transforms.images import ImageSpec
 from transforms.labeling import AssignLabelIndices, DeriveVocabulary, ResolveLabels, VotePolicy
 from transforms.manifests import ReadCsvRows, expand_patterns
-from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
+from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.splitting import SplitSpec
 from transforms.tft_analysis import AnalyzeAndWriteTransform
 
@@ -229,7 +229,7 @@ def write_schema(output_dir: str) -> None:
 
 def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     """Builds and runs the job; returns the finished pipeline's result."""
-    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv))
+    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=CreateDatasetOptions)
     config = CreateDatasetConfig.from_options(options)
     write_schema(config.output_dir)
     pipeline = beam.Pipeline(options=options)
@@ -264,7 +264,11 @@ def format_summary(info: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv))
+    try:  # Flag and configuration errors end here, in one line and exit status 2, before anything runs.
+        options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=CreateDatasetOptions)
+        CreateDatasetConfig.from_options(options)
+    except ValueError as error:
+        return report_usage_error("create-dataset", error)
     output_dir = options.view_as(CreateDatasetOptions).output_dir
     run(argv)
     print(format_summary(read_dataset_info(output_dir.rstrip("/"))))

@@ -48,7 +48,7 @@ from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters, counter
 from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, ModelOutputs, PredictImages
-from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
+from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.warehouse import WriteEmbeddings
 
 _LOGGER = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class ExtractEmbeddings(beam.PTransform):
 
 def run(argv: list[str] | None = None) -> PipelineResult:
     """Builds and runs the job; returns the finished pipeline's result."""
-    options = make_pipeline_options(list(argv or []))
+    options = make_pipeline_options(list(argv or []), job_options=ExtractEmbeddingsOptions)
     config = ExtractEmbeddingsConfig.from_options(options)
     handler = config.inference.make_handler()
     pipeline = beam.Pipeline(options=options)
@@ -193,6 +193,11 @@ def accounting(result: PipelineResult) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # Flag and configuration errors end here, in one line and exit status 2, before anything runs.
+        ExtractEmbeddingsConfig.from_options(
+            make_pipeline_options(list(argv or []), job_options=ExtractEmbeddingsOptions))
+    except ValueError as error:
+        return report_usage_error("extract-embeddings", error)
     counts = accounting(run(argv))
     print(json.dumps(counts, sort_keys=True))
     if counts[READ_COUNTER] != counts[EMBEDDED_COUNTER] + counts[REJECTED_COUNTER]:

@@ -36,7 +36,7 @@ from apache_beam.runners.runner import PipelineResult
 from model_lib.trials import TrialSpec, load_trials
 from schemas import model_artifacts
 from transforms.dead_letters import WriteDeadLetters
-from transforms.runner_policy import make_pipeline_options, tolerate_shared_flags
+from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.training_trials import PublishBestTrial, RunTrials
 
 _LOGGER = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Train(beam.PTransform):
 
 def run(argv: list[str] | None = None) -> PipelineResult:
     """Builds and runs the job; returns the finished pipeline's result."""
-    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv))
+    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=TrainOptions)
     return execute(options, TrainConfig.from_options(options))
 
 
@@ -177,10 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the job and prints the leaderboard.
 
     Returns:
-      0, or 1 when no trial succeeded or trials read != succeeded + failed.
+      0, or 1 when no trial succeeded or trials read != succeeded + failed,
+      2 for a flag or configuration error (before anything runs).
     """
-    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv))
-    config = TrainConfig.from_options(options)
+    try:
+        options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=TrainOptions)
+        config = TrainConfig.from_options(options)
+    except ValueError as error:
+        return report_usage_error("train", error)
     execute(options, config)
     board = read_leaderboard(config.output_dir)
     print(format_summary(board))

@@ -40,6 +40,31 @@ class InferenceOptions(PipelineOptions):
                             help="Reject images with more pixels before decoding.")
 
 
+def check_numeric_flags(flags: InferenceOptions) -> None:
+    """Refuses out-of-range batching and size flags while parsing, not when the first batch forms.
+
+    ImageModelHandler checks the same bounds for library callers; checking
+    here names the flag and fails before any input is listed or model read.
+
+    Raises:
+      ValueError: A flag is out of range; the message quotes the received value.
+    """
+    for name in ("min_batch_size", "max_batch_size", "max_batch_bytes", "max_pixels"):
+        _check_at_least(name, getattr(flags, name), 1)
+    if flags.model_copies is not None:
+        _check_at_least("model_copies", flags.model_copies, 1)
+    if flags.max_batch_size < flags.min_batch_size:
+        raise ValueError(
+            "--max_batch_size must be >= --min_batch_size. "
+            f"Received `max_batch_size={flags.max_batch_size}`, `min_batch_size={flags.min_batch_size}`"
+        )
+
+
+def _check_at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"--{name} must be >= {minimum}. Received `{name}={value}`")
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
     """Validated model, input and batching settings."""
@@ -58,6 +83,7 @@ class InferenceConfig:
         for name in ("model_dir", "input"):
             if not getattr(flags, name):
                 raise ValueError(f"--{name} is required")
+        check_numeric_flags(flags)
         return cls(
             model_dir=flags.model_dir.rstrip("/"),
             input_spec=InputSpec.resolve(flags.input, flags.input_format, flags.max_pixels),

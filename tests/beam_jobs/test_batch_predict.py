@@ -246,13 +246,15 @@ def test_dataset_tfrecords_are_predicted_with_their_ids_and_sliced_by_split(
 )
 def test_invalid_configuration_fails_before_launch(argv, message):
     with pytest.raises(ValueError, match=message):
-        batch_predict.BatchPredictConfig.from_options(make_pipeline_options(argv))
+        batch_predict.BatchPredictConfig.from_options(
+            make_pipeline_options(argv, job_options=batch_predict.BatchPredictOptions))
 
 
 def test_output_forms_resolve_to_rows_and_artifacts_locations(tmp_path):
     def config(*argv: str) -> batch_predict.BatchPredictConfig:
         return batch_predict.BatchPredictConfig.from_options(
-            make_pipeline_options(["--model_dir", "m", "--input", "x.csv", *argv]))
+            make_pipeline_options(["--model_dir", "m", "--input", "x.csv", *argv],
+                                  job_options=batch_predict.BatchPredictOptions))
 
     jsonl = config("--output", "/out/")
     assert (jsonl.warehouse_uri, jsonl.artifacts_dir) == (None, "/out")

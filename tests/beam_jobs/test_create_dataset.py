@@ -189,7 +189,8 @@ def test_multi_processing_runner_gives_the_same_records(digits, tmp_path):
 
 
 def test_pipeline_round_trips_through_the_runner_api(digits, tmp_path):
-    options = make_pipeline_options(["--manifest", digits.manifest, "--output_dir", str(tmp_path / "x")])
+    options = make_pipeline_options(["--manifest", digits.manifest, "--output_dir", str(tmp_path / "x")],
+                                    job_options=create_dataset.CreateDatasetOptions)
     config = create_dataset.CreateDatasetConfig.from_options(options)
     pipeline = beam.Pipeline(options=options)
     _ = pipeline | "CreateDataset" >> create_dataset.CreateDataset(config)

@@ -99,7 +99,7 @@ def test_flags_override_the_spec_base_and_bad_paths_fail_before_launch(digits_da
     options = train.make_pipeline_options([
         "--dataset_dir", digits_dataset.dataset_dir, "--output_dir", str(tmp_path), "--trials", str(spec),
         "--epochs", "2", "--trial_accelerator", "type:nvidia-tesla-t4;count:1",
-    ])
+    ], job_options=train.TrainOptions)
     config = train.TrainConfig.from_options(options)
     assert [(t.trial_id, dict(t.hparams)) for t in config.trials] == [
         ("a", {"epochs": 2, "dropout": 0.1}), ("b", {"epochs": 7, "dropout": 0.1}),
@@ -107,6 +107,7 @@ def test_flags_override_the_spec_base_and_bad_paths_fail_before_launch(digits_da
     assert config.resource_hints == {"accelerator": "type:nvidia-tesla-t4;count:1"}
     with pytest.raises(ValueError, match="not a create_dataset output"):
         train.TrainConfig.from_options(train.make_pipeline_options(
-            ["--dataset_dir", str(tmp_path), "--output_dir", str(tmp_path)]))
+            ["--dataset_dir", str(tmp_path), "--output_dir", str(tmp_path)], job_options=train.TrainOptions))
     with pytest.raises(ValueError, match="--dataset_dir is required"):
-        train.TrainConfig.from_options(train.make_pipeline_options(["--output_dir", str(tmp_path)]))
+        train.TrainConfig.from_options(
+            train.make_pipeline_options(["--output_dir", str(tmp_path)], job_options=train.TrainOptions))
