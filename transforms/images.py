@@ -1,9 +1,15 @@
 """Reading, validating and normalizing image files with Pillow.
 
 Every job that touches raw image files goes through these functions, so a
-missing file, an empty file, a non-image, a truncated image or a
-decompression bomb is rejected the same way everywhere, with a stable
-``error_type`` (see ``RejectedInput``).
+missing file, an empty file, a non-image, an unsupported format, a truncated
+image or a decompression bomb is rejected the same way everywhere, with a
+stable ``error_type`` (see ``RejectedInput``).
+
+Only the formats in ``SUPPORTED_FORMATS`` are ever handed to a decoder. Pillow
+would otherwise try every plugin it has, some of which run external programs
+(EPS is rendered by Ghostscript) or parse rarely exercised formats; a file of
+a format Pillow knows but the jobs do not support is recognized from its
+first bytes alone and rejected as ``unsupported_format``.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-from typing import Literal
+import struct
+from typing import Callable, Literal
 
-from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transforms import file_reads
 from transforms.dead_letters import RejectedInput
+from transforms.file_reads import DEFAULT_RETRY, RetryPolicy, read_file_bytes
 
 # Pillow's own bomb check raises a warning or error at 89M/179M pixels; the
 # job applies its own configurable limit before decoding instead.
@@ -27,12 +35,18 @@ EncodedFormat = Literal["jpeg", "png"]
 ResizeMethod = Literal["stretch", "pad", "crop"]
 
 # Stable rejection reasons (error_type values).
-MISSING_FILE = "missing_file"
+MISSING_FILE = file_reads.MISSING_FILE
 EMPTY_FILE = "empty_file"
-UNREADABLE_FILE = "unreadable_file"
+UNREADABLE_FILE = file_reads.UNREADABLE_FILE
 NOT_AN_IMAGE = "not_an_image"
+UNSUPPORTED_FORMAT = "unsupported_format"
 CORRUPT_IMAGE = "corrupt_image"
 TOO_MANY_PIXELS = "too_many_pixels"
+
+# Pillow format ids the jobs decode: all are decoded in-process by Pillow's own
+# codecs (libjpeg, zlib, libwebp, libtiff), none by an external program.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+_PREFIX_BYTES = 16  # What Pillow's plugins' ``accept`` functions look at.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,21 +98,17 @@ class NormalizedImage:
     original_width: int
 
 
-def read_image_bytes(uri: str) -> bytes:
-    """Reads a whole file through Beam's FileSystems (local paths, gs://, ...).
+def read_image_bytes(uri: str, retry: RetryPolicy = DEFAULT_RETRY) -> bytes:
+    """Reads a whole image file through Beam's FileSystems (local paths, gs://, ...).
+
+    Transient storage errors are retried (see ``transforms.file_reads``).
 
     Raises:
       RejectedInput: ``missing_file``, ``empty_file`` or ``unreadable_file``.
+      StorageUnavailable: storage kept failing after the retries; callers let it
+        escape so the job fails instead of silently losing images.
     """
-    try:
-        if not FileSystems.exists(uri):
-            raise RejectedInput(MISSING_FILE, f"no file at {uri}")
-        with FileSystems.open(uri, compression_type="uncompressed") as handle:
-            data = handle.read()
-    except RejectedInput:
-        raise
-    except (OSError, ValueError) as error:  # BeamIOError is an IOError.
-        raise RejectedInput(UNREADABLE_FILE, f"cannot read {uri}: {error}") from error
+    data = read_file_bytes(uri, retry)
     if not data:
         raise RejectedInput(EMPTY_FILE, f"{uri} has zero bytes")
     return data
@@ -108,17 +118,50 @@ def content_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def recognized_format(data: bytes) -> str | None:
+    """The Pillow format whose signature ``data`` starts with, found without decoding anything.
+
+    Only the plugins' ``accept`` functions (byte-prefix checks) run. Formats
+    whose plugin has no signature check cannot be told apart from arbitrary
+    bytes this way; their files stay ``not_an_image``.
+    """
+    Image.init()
+    prefix = data[:_PREFIX_BYTES]
+    # Supported formats first, so a damaged JPEG is never reported as another format.
+    candidates = sorted(Image.OPEN.items(), key=lambda item: item[0] not in SUPPORTED_FORMATS)
+    for format_id, (_, accept) in candidates:
+        if accept is not None and _accepts(accept, prefix):
+            return format_id
+    return None
+
+
+def _accepts(accept: Callable[[bytes], bool | str], prefix: bytes) -> bool:
+    """Runs one plugin's signature check; a check that cannot parse a short prefix says no."""
+    try:
+        # A plugin may answer with a string: "mine, but a variant I cannot open".
+        return bool(accept(prefix))
+    except (struct.error, IndexError, ValueError, TypeError):
+        return False
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Opens an image lazily, rejecting decompression bombs before any pixel is decoded.
 
     Raises:
-      RejectedInput: ``not_an_image``, ``corrupt_image`` (a known format whose
-        header is cut or broken) or ``too_many_pixels``.
+      RejectedInput: ``not_an_image``, ``unsupported_format``, ``corrupt_image``
+        (a supported format whose header is cut or broken) or ``too_many_pixels``.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError as error:
-        raise RejectedInput(NOT_AN_IMAGE, "not a decodable image (JPEG, PNG, GIF, BMP, ...)") from error
+        known = recognized_format(data)
+        if known in SUPPORTED_FORMATS:
+            raise RejectedInput(CORRUPT_IMAGE, f"{known} header is truncated or corrupt") from error
+        if known is not None:
+            raise RejectedInput(
+                UNSUPPORTED_FORMAT, f"looks like {known}, which is not a supported format ({', '.join(SUPPORTED_FORMATS)})"
+            ) from error
+        raise RejectedInput(NOT_AN_IMAGE, f"not an image in a supported format ({', '.join(SUPPORTED_FORMATS)})") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise RejectedInput(CORRUPT_IMAGE, f"image header is truncated or corrupt: {error}") from error
     width, height = image.size
@@ -136,7 +179,8 @@ def check_image(data: bytes, max_pixels: int) -> None:
     batch it would have joined.
 
     Raises:
-      RejectedInput: ``not_an_image``, ``corrupt_image`` or ``too_many_pixels``.
+      RejectedInput: ``not_an_image``, ``unsupported_format``, ``corrupt_image`` or
+        ``too_many_pixels``.
     """
     image = open_image(data, max_pixels)
     try:
@@ -173,7 +217,8 @@ def normalize_image(data: bytes, spec: ImageSpec) -> NormalizedImage:
     images are converted to ``spec.channels``.
 
     Raises:
-      RejectedInput: ``not_an_image``, ``too_many_pixels`` or ``corrupt_image``.
+      RejectedInput: ``not_an_image``, ``unsupported_format``, ``too_many_pixels`` or
+        ``corrupt_image``.
     """
     image = open_image(data, spec.max_pixels)
     try:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from transforms.dead_letters import RejectedInput
-from transforms.images import ImageSpec, normalize_image, read_image_bytes
+from transforms.images import (
+    NOT_AN_IMAGE,
+    UNSUPPORTED_FORMAT,
+    ImageSpec,
+    check_image,
+    normalize_image,
+    read_image_bytes,
+)
 
 
 def _decode(encoded: bytes) -> np.ndarray:
@@ -74,3 +82,47 @@ def test_each_bad_file_is_rejected_with_its_reason(image_corpus):
 def test_bad_image_spec_names_the_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value}"):
         ImageSpec(**{field: value})
+
+
+def _psd(width: int, height: int) -> bytes:
+    """A minimal RGB Photoshop file written by hand (Pillow reads PSD but cannot write it)."""
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    sections = struct.pack(">III", 0, 0, 0)  # No colour mode data, image resources or layers.
+    pixels = struct.pack(">H", 0) + bytes(range(width * height)) * 3  # Raw, one plane per channel.
+    return header + sections + pixels
+
+
+def _pillow_file(image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["eps", "psd", "ico"])
+def test_known_but_unsupported_formats_are_never_decoded(tmp_path, name):
+    data = _psd(4, 4) if name == "psd" else _pillow_file(name.upper())
+    # They are real files of their format: Pillow opens them when allowed to.
+    assert Image.open(io.BytesIO(data), formats=[name.upper()]).size in ((4, 4), (16, 16))
+    path = tmp_path / f"image.{name}"
+    path.write_bytes(data)
+    with pytest.raises(RejectedInput) as raised:
+        _load(str(path), ImageSpec(image_size=8))
+    assert raised.value.error_type == UNSUPPORTED_FORMAT
+    assert name.upper() in str(raised.value)
+    with pytest.raises(RejectedInput) as checked:
+        check_image(data, 1_000_000)
+    assert checked.value.error_type == UNSUPPORTED_FORMAT
+
+
+@pytest.mark.parametrize("name", ["webp", "tiff"])
+def test_webp_and_tiff_are_supported(tmp_path, name):
+    path = tmp_path / f"image.{name}"
+    path.write_bytes(_pillow_file(name.upper()))
+    normalized = _load(str(path), ImageSpec(image_size=8, image_format="png"))
+    assert _decode(normalized.encoded).shape == (8, 8, 3)
+
+
+def test_unrecognized_bytes_stay_not_an_image():
+    with pytest.raises(RejectedInput) as raised:
+        check_image(b"GIF87 is almost a signature, but this is text", 1_000_000)
+    assert raised.value.error_type == NOT_AN_IMAGE
