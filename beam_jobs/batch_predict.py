@@ -6,13 +6,18 @@ shard glob). ``--model_dir`` is a model directory written by train
 (``saved_model/`` + ``model_info.json``).
 
 Outputs (``--output``):
-- a directory: ``predictions-SSSSS-of-NNNNN.jsonl`` (``--output_format jsonl``)
-  or ``predictions/part-*.parquet`` (``--output_format parquet``);
+- a directory: a run directory published under it (``schemas.publication``:
+  ``CURRENT`` names it once the run succeeded; a non-empty directory needs
+  ``--overwrite``) holding ``predictions-SSSSS-of-NNNNN.jsonl``
+  (``--output_format jsonl``) or ``predictions/part-*.parquet``
+  (``--output_format parquet``);
 - a warehouse table: ``bigquery:PROJECT.DATASET.TABLE`` (FILE_LOADS; needs
   ``--temp_location gs://...``), ``parquet:DIR[#TABLE]`` or ``duckdb:PATH[#TABLE]``.
-Rows follow ``schemas.prediction.PREDICTION_RECORD``. Next to them (or in
-``--artifacts_dir``): ``rejected-*.jsonl`` dead letters and, when inputs carry
-labels, ``eval.json`` (accuracy, per-class precision/recall/F1, slices).
+Rows follow ``schemas.prediction.PREDICTION_RECORD``. In the same run directory
+(or one published under ``--artifacts_dir``; beside a local warehouse by
+default, ``PATH.runs/`` or ``DIR/_runs/``): ``rejected-*.jsonl`` dead letters
+and, when inputs carry labels, ``eval.json`` (accuracy, per-class
+precision/recall/F1, slices).
 The job prints ``read``, ``predicted`` and ``rejected`` counts; read =
 predicted + rejected.
 
@@ -35,8 +40,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
-from schemas import layout, prediction
-from schemas.warehouse import WAREHOUSE_KINDS, WRITE_DISPOSITIONS, parse_warehouse_uri
+from schemas import counters, layout, prediction
+from schemas.publication import OutputExistsError, OutputRun
+from schemas.warehouse import WAREHOUSE_KINDS, WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
 from transforms import model_handler
 from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters, counter_total
 from transforms.inference_inputs import ReadImageInputs
@@ -49,7 +55,7 @@ from transforms.warehouse import WriteToWarehouse
 _LOGGER = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("jsonl", "parquet")
-PREDICTED_COUNTER = "predicted"
+PREDICTED_COUNTER = counters.PREDICTED
 
 
 class BatchPredictOptions(InferenceOptions):
@@ -69,6 +75,9 @@ class BatchPredictOptions(InferenceOptions):
         parser.add_argument("--top_k", type=int, default=5, help="Labels with probabilities kept per image.")
         parser.add_argument("--slice_column", choices=prediction.SLICE_COLUMNS, default=None,
                             help="Also slice eval.json by this column.")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="Replace a non-empty --output / --artifacts_dir directory (published only "
+                                 "when the new run succeeded).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,16 +86,27 @@ class BatchPredictConfig:
 
     Attributes:
       inference: Model, input and batching settings shared with extract_embeddings.
-      warehouse_uri: Where rows go when they go to a warehouse table; None
-        writes JSON lines under ``artifacts_dir``.
+      output_dir: The output directory when ``--output`` is one (rows, eval.json
+        and dead letters go into a run directory published under it); None for
+        a warehouse table.
+      output_format: Row format in ``output_dir``.
+      warehouse_uri: The warehouse table when ``--output`` names one.
+      artifacts_dir: ``--artifacts_dir`` as given (published under the output rule), or None.
+      artifacts_root: Where per-run artifacts go beside a local warehouse when
+        ``artifacts_dir`` is None.
+      overwrite: Whether a non-empty output or artifacts directory may be replaced.
     """
 
     inference: InferenceConfig
+    output_dir: str | None
+    output_format: str
     warehouse_uri: str | None
-    artifacts_dir: str
+    artifacts_dir: str | None
+    artifacts_root: str | None
     write_disposition: str
     top_k: int
     slice_column: str | None
+    overwrite: bool
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "BatchPredictConfig":
@@ -96,26 +116,41 @@ class BatchPredictConfig:
         if flags.top_k < 1:
             raise ValueError(f"--top_k must be >= 1. Received `top_k={flags.top_k}`")
         output = flags.output.rstrip("/")
-        scheme = output.partition(":")[0]
-        if scheme in WAREHOUSE_KINDS:
-            warehouse = parse_warehouse_uri(output, prediction.PREDICTIONS_TABLE.default_table)
-            warehouse_uri: str | None = output
-            artifacts_dir = flags.artifacts_dir or (warehouse.location if warehouse.kind == "parquet" else None)
-            if artifacts_dir is None:
+        artifacts_dir = flags.artifacts_dir.rstrip("/") if flags.artifacts_dir else None
+        output_dir = warehouse_uri = artifacts_root = None
+        if output.partition(":")[0] in WAREHOUSE_KINDS:
+            warehouse_uri = output
+            artifacts_root = run_artifacts_root(parse_warehouse_uri(output, prediction.PREDICTIONS_TABLE.default_table))
+            if artifacts_dir is None and artifacts_root is None:
                 raise ValueError(f"--artifacts_dir is required with --output {output} (for eval.json and rejected)")
         else:
-            artifacts_dir = flags.artifacts_dir or output
-            warehouse_uri = (
-                f"parquet:{output}#{prediction.PREDICTIONS_PREFIX}" if flags.output_format == "parquet" else None
-            )
+            output_dir = output
         return cls(
             inference=InferenceConfig.from_options(options),
+            output_dir=output_dir,
+            output_format=flags.output_format,
             warehouse_uri=warehouse_uri,
-            artifacts_dir=artifacts_dir.rstrip("/"),
+            artifacts_dir=artifacts_dir,
+            artifacts_root=artifacts_root,
             write_disposition=flags.write_disposition,
             top_k=flags.top_k,
             slice_column=flags.slice_column,
+            overwrite=flags.overwrite,
         )
+
+    def start_runs(self) -> tuple[OutputRun | None, OutputRun]:
+        """Applies the output rule: ``(output run or None, artifacts run)``, the same run when they coincide.
+
+        Raises:
+          OutputExistsError: ``--output`` or ``--artifacts_dir`` is not empty and ``--overwrite`` was not given.
+        """
+        output_run = OutputRun.start(self.output_dir, overwrite=self.overwrite, flag="--output") \
+            if self.output_dir else None
+        if self.artifacts_dir is not None:
+            return output_run, OutputRun.start(self.artifacts_dir, overwrite=self.overwrite, flag="--artifacts_dir")
+        if output_run is not None:
+            return output_run, output_run
+        return None, OutputRun.start(str(self.artifacts_root), overwrite=True)
 
 
 class FormatPredictionFn(beam.DoFn):
@@ -154,34 +189,50 @@ def row_to_json(row: dict[str, Any]) -> str:
 
 
 def run(argv: list[str] | None = None) -> PipelineResult:
-    """Builds and runs the job; returns the finished pipeline's result."""
+    """Builds and runs the job; publishes its output and artifacts directories when it succeeded."""
     options = make_pipeline_options(list(argv or []), job_options=BatchPredictOptions)
     config = BatchPredictConfig.from_options(options)
     handler = config.inference.make_handler()
+    output_run, artifacts_run = config.start_runs()
+    runs = [run for run in (output_run, artifacts_run) if run is not None]
+    try:
+        result = _run_pipeline(options, config, handler, output_run, artifacts_run.run_dir)
+    except BaseException:
+        for started in runs:
+            started.abandon()
+        raise
+    for started in dict.fromkeys(runs):
+        _LOGGER.info("published %s", started.publish())
+    return result
+
+
+def _run_pipeline(options: PipelineOptions, config: BatchPredictConfig, handler: ImageModelHandler,
+                  output_run: OutputRun | None, artifacts_dir: str) -> PipelineResult:
     pipeline = beam.Pipeline(options=options)
     images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.inference.input_spec)
     rows, predict_letters = images | "BatchPredict" >> BatchPredict(handler, config.top_k)
-    if config.warehouse_uri is None:
+    if output_run is not None and config.output_format == "jsonl":
         _ = (
             rows
             | "FormatJsonLines" >> beam.Map(row_to_json)
             | "WriteJsonLines"
             >> beam.io.WriteToText(
-                layout.join(config.artifacts_dir, prediction.PREDICTIONS_PREFIX), file_name_suffix=".jsonl"
+                layout.join(output_run.run_dir, prediction.PREDICTIONS_PREFIX), file_name_suffix=".jsonl"
             )
         )
     else:
+        warehouse_uri = config.warehouse_uri or f"parquet:{output_run.run_dir}#{prediction.PREDICTIONS_PREFIX}"
         _ = rows | "WriteWarehouse" >> WriteToWarehouse(
-            config.warehouse_uri, prediction.PREDICTIONS_TABLE, write_disposition=config.write_disposition
+            warehouse_uri, prediction.PREDICTIONS_TABLE, write_disposition=config.write_disposition
         )
     _ = rows | "Evaluate" >> WriteEvaluation(
-        layout.join(config.artifacts_dir, prediction.EVAL_FILE),
+        layout.join(artifacts_dir, prediction.EVAL_FILE),
         handler.model_info.labels,
         slice_column=config.slice_column,
         model_version=handler.model_info.model_version,
     )
     _ = (read_letters, predict_letters) | "MergeDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(
-        config.artifacts_dir
+        artifacts_dir
     )
     result = pipeline.run()
     result.wait_until_finish()
@@ -192,7 +243,7 @@ def accounting(result: PipelineResult) -> dict[str, int]:
     """``read``, ``predicted``, ``rejected`` and ``model_loads`` from the run's metrics."""
     return {
         name: counter_total(result, name)
-        for name in ("read", PREDICTED_COUNTER, "rejected", model_handler.MODEL_LOADS_COUNTER)
+        for name in (counters.READ, PREDICTED_COUNTER, counters.REJECTED, model_handler.MODEL_LOADS_COUNTER)
     }
 
 
@@ -201,11 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         BatchPredictConfig.from_options(make_pipeline_options(list(argv or []), job_options=BatchPredictOptions))
     except ValueError as error:
         return report_usage_error("batch-predict", error)
-    counts = accounting(run(argv))
+    try:
+        result = run(argv)
+    except OutputExistsError as error:  # Checked when the run starts, before the pipeline is built.
+        return report_usage_error("batch-predict", error)
+    counts = accounting(result)
     print(json.dumps(counts, sort_keys=True))
-    if counts["read"] != counts[PREDICTED_COUNTER] + counts["rejected"]:
+    if counts[counters.READ] != counts[PREDICTED_COUNTER] + counts[counters.REJECTED]:
         _LOGGER.error("Accounting mismatch: read %d != predicted %d + rejected %d",
-                      counts["read"], counts[PREDICTED_COUNTER], counts["rejected"])
+                      counts[counters.READ], counts[PREDICTED_COUNTER], counts[counters.REJECTED])
         return 1
     return 0
 

@@ -3,10 +3,13 @@
 Inputs: ``--manifest`` CSVs/globs of ``uri,label`` (local or gs://), optional
 ``--ratings`` CSVs of ``uri,rater,label`` and ``--labels_file``.
 
-Outputs in ``--output_dir``: ``{split}-SSSSS-of-NNNNN.tfrecord.gz``,
+Outputs in a fresh run directory under ``--output_dir``, which ``CURRENT``
+names once the run has succeeded (``schemas.publication``; readers resolve it
+with ``published_dir``): ``{split}-SSSSS-of-NNNNN.tfrecord.gz``,
 ``labels.txt``, ``schema.pbtxt``, ``transform_fn/`` and
 ``transformed_metadata/`` (tf.Transform over the train split),
-``dataset_info.json`` and ``rejected-*.jsonl``.
+``dataset_info.json`` and ``rejected-*.jsonl``. A non-empty ``--output_dir``
+is refused unless ``--overwrite`` is given.
 
 Example:
   vision-pipelines create-dataset --manifest gs://bucket/all_data.csv \\
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import sys
 from typing import Any
@@ -29,6 +31,8 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from model_lib.preprocessing import make_preprocessing_fn
 from schemas import dataset, layout
+from schemas.dataset_info import DatasetInfo
+from schemas.publication import OutputExistsError, OutputRun, published_dir
 from transforms.dataset_records import BuildRecords, DedupeByContent, LoadImages
 from transforms.dataset_summary import WriteDatasetInfo
 from transforms.dataset_writing import WriteDatasetSplits
@@ -39,6 +43,8 @@ from transforms.manifests import ReadCsvRows, expand_patterns
 from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.splitting import SplitSpec
 from transforms.tft_analysis import AnalyzeAndWriteTransform
+
+TFT_TEMP_DIR = "tft_temp"
 
 
 def package_version() -> str:
@@ -80,6 +86,9 @@ class CreateDatasetOptions(PipelineOptions):
         parser.add_argument("--num_shards", type=int, default=0, help="Shards per split; 0 = automatic.")
         parser.add_argument("--skip_analysis", action="store_true",
                             help="Do not run tf.Transform analysis (no transform_fn/ is written).")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="Replace a non-empty --output_dir; the current dataset stays readable until "
+                                 "the new one is complete.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +99,14 @@ class CreateDatasetConfig:
     ratings: list[str]
     labels: list[str] | None
     output_dir: str
-    temp_dir: str
+    temp_root: str | None
     split_spec: SplitSpec
     dedupe: str
     vote_policy: VotePolicy
     image_spec: ImageSpec
     num_shards: int
     analyze: bool
+    overwrite: bool
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "CreateDatasetConfig":
@@ -105,14 +115,17 @@ class CreateDatasetConfig:
             raise ValueError("--manifest is required")
         if not flags.output_dir:
             raise ValueError("--output_dir is required")
-        output_dir = flags.output_dir.rstrip("/")
-        temp_root = options.view_as(GoogleCloudOptions).temp_location or output_dir
+        if not 0.0 < flags.min_agreement <= 1.0:
+            raise ValueError(f"--min_agreement is a fraction in (0, 1]. Received `min_agreement={flags.min_agreement}`")
+        if flags.num_shards < 0:
+            raise ValueError(f"--num_shards must be >= 0 (0 = automatic). Received `num_shards={flags.num_shards}`")
+        temp_location = options.view_as(GoogleCloudOptions).temp_location
         return cls(
             manifests=expand_patterns(flags.manifest),
             ratings=expand_patterns(flags.ratings) if flags.ratings else [],
             labels=read_labels_file(flags.labels_file) if flags.labels_file else None,
-            output_dir=output_dir,
-            temp_dir=layout.join(temp_root, "tft_temp"),
+            output_dir=flags.output_dir.rstrip("/"),
+            temp_root=temp_location.rstrip("/") if temp_location else None,
             split_spec=SplitSpec.parse(flags.split, flags.split_names),
             dedupe=flags.dedupe,
             vote_policy=VotePolicy(flags.min_agreement, flags.vote_policy),
@@ -126,7 +139,14 @@ class CreateDatasetConfig:
             ),
             num_shards=flags.num_shards,
             analyze=not flags.skip_analysis,
+            overwrite=flags.overwrite,
         )
+
+    def tft_temp_dir(self, run: OutputRun) -> str:
+        """tf.Transform's scratch space, private to one run so concurrent jobs never delete each other's."""
+        if self.temp_root is None:
+            return layout.join(run.run_dir, TFT_TEMP_DIR)
+        return layout.join(self.temp_root, TFT_TEMP_DIR, f"{run.output_dir.rsplit('/', 1)[-1]}-{run.run_name}")
 
     def parameters(self) -> dict[str, Any]:
         """The settings recorded in dataset_info.json."""
@@ -164,14 +184,24 @@ def format_labels(labels: list[str]) -> str:
 
 
 class CreateDataset(beam.PTransform):
-    """The whole job as one composite: manifests in, dataset directory out."""
+    """The whole job as one composite: manifests in, one dataset run directory out.
 
-    def __init__(self, config: CreateDatasetConfig):
+    Args:
+      config: The job's configuration.
+      output_dir: Where this run writes (a fresh run directory, published by
+        ``run`` once the pipeline has succeeded).
+      temp_dir: tf.Transform's scratch directory for this run.
+    """
+
+    def __init__(self, config: CreateDatasetConfig, output_dir: str, temp_dir: str):
         super().__init__()
         self._config = config
+        self._output_dir = output_dir
+        self._temp_dir = temp_dir
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[dict[str, Any]]:
         config = self._config
+        output_dir = self._output_dir
         rows, manifest_letters = pbegin | "ReadManifests" >> ReadCsvRows(config.manifests, "manifest")
         if config.ratings:
             ratings, rating_letters = pbegin | "ReadRatings" >> ReadCsvRows(config.ratings, "ratings")
@@ -191,32 +221,32 @@ class CreateDataset(beam.PTransform):
             loaded, dedupe_letters = loaded | "DedupeByContent" >> DedupeByContent()
         records, record_letters = loaded | "BuildRecords" >> BuildRecords(config.split_spec, config.dedupe)
         by_split = records | "WriteSplits" >> WriteDatasetSplits(
-            config.output_dir, config.split_spec.names, config.num_shards)
+            output_dir, config.split_spec.names, config.num_shards)
         _ = (
             vocabulary
             | "FormatLabels" >> beam.Map(format_labels)
             | "WriteLabels" >> beam.io.WriteToText(
-                layout.join(config.output_dir, layout.LABELS_FILE), num_shards=1, shard_name_template="")
+                layout.join(output_dir, layout.LABELS_FILE), num_shards=1, shard_name_template="")
         )
         if config.analyze:
             spec = config.image_spec
             _ = by_split[config.split_spec.names[0]] | "AnalyzeTrainSplit" >> AnalyzeAndWriteTransform(
-                config.output_dir,
-                config.temp_dir,
+                output_dir,
+                self._temp_dir,
                 make_preprocessing_fn(spec.image_size, spec.channels, spec.resize_method),
             )
         letters = (
             manifest_letters, rating_letters, label_letters, index_letters, image_letters, dedupe_letters,
             record_letters,
         ) | "FlattenDeadLetters" >> beam.Flatten()
-        _ = letters | "WriteDeadLetters" >> WriteDeadLetters(config.output_dir)
+        _ = letters | "WriteDeadLetters" >> WriteDeadLetters(output_dir)
         read_rows = (
             (rows | "CountRows" >> beam.Map(count_one)),
             (manifest_letters | "CountManifestRejections" >> beam.Map(count_one)),
         ) | "FlattenReadRows" >> beam.Flatten()
         return {
             "records": records, "dead_letters": letters, "read_rows": read_rows, "vocabulary": vocabulary,
-        } | "WriteDatasetInfo" >> WriteDatasetInfo(config.output_dir, config.parameters())
+        } | "WriteDatasetInfo" >> WriteDatasetInfo(output_dir, config.parameters())
 
 
 def write_schema(output_dir: str) -> None:
@@ -228,39 +258,66 @@ def write_schema(output_dir: str) -> None:
 
 
 def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
-    """Builds and runs the job; returns the finished pipeline's result."""
+    """Builds and runs the job into a fresh run directory and publishes it when it succeeded.
+
+    Raises:
+      OutputExistsError: ``--output_dir`` is not empty and ``--overwrite`` was not given.
+    """
     options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=CreateDatasetOptions)
     config = CreateDatasetConfig.from_options(options)
-    write_schema(config.output_dir)
-    pipeline = beam.Pipeline(options=options)
-    _ = pipeline | "CreateDataset" >> CreateDataset(config)
-    result = pipeline.run()
-    result.wait_until_finish()
-    if config.analyze and FileSystems.exists(config.temp_dir):
-        FileSystems.delete([config.temp_dir])
+    output = OutputRun.start(config.output_dir, overwrite=config.overwrite)
+    temp_dir = config.tft_temp_dir(output)
+    try:
+        write_schema(output.run_dir)
+        pipeline = beam.Pipeline(options=options)
+        _ = pipeline | "CreateDataset" >> CreateDataset(config, output.run_dir, temp_dir)
+        result = pipeline.run()
+        result.wait_until_finish()
+    except BaseException:
+        output.abandon()
+        raise
+    finally:
+        if FileSystems.exists(temp_dir):
+            FileSystems.delete([temp_dir])
+    output.publish()
     return result
 
 
-def read_dataset_info(output_dir: str) -> dict[str, Any]:
-    with FileSystems.open(layout.join(output_dir, layout.DATASET_INFO_FILE)) as handle:
-        return json.loads(handle.read().decode("utf-8"))
+def read_dataset_info(output_dir: str) -> DatasetInfo:
+    """The ``DatasetInfo`` of a dataset directory (a run directory, or one resolved by ``published_dir``)."""
+    return DatasetInfo.read(output_dir)
 
 
-def format_summary(info: dict[str, Any]) -> str:
+def format_summary(info: DatasetInfo) -> str:
     """A few human-readable lines: accounting, per-split counts, rejections."""
-    accounting = info["accounting"]
+    accounting = info.accounting
     lines = [
-        f"read {accounting['read']}  written {accounting['written']}  rejected {accounting['rejected']}  "
-        f"({'balanced' if accounting['balanced'] else 'NOT BALANCED'})",
+        f"read {accounting.read}  written {accounting.written}  rejected {accounting.rejected}  "
+        f"({'balanced' if accounting.balanced else 'NOT BALANCED'})",
     ]
-    for split, counts in info["counts"].items():
-        lines.append(f"  {split:<8} {counts['total']:>7} images, {len(counts['labels'])} labels")
-    for reason, count in sorted(info["rejected"].items()):
+    for split in info.split_names:
+        counts = info.counts[split]
+        lines.append(f"  {split:<8} {counts.total:>7} images, {len(counts.labels)} labels")
+    for reason, count in sorted(info.rejected.items()):
         lines.append(f"  rejected {reason}: {count}")
-    for reason, count in sorted(info["rejected_ratings"].items()):
+    for reason, count in sorted(info.rejected_ratings.items()):
         lines.append(f"  rejected rating rows {reason}: {count}")
-    lines.append(f"  fingerprint {info['fingerprint'][:16]}...")
+    lines.append(f"  fingerprint {info.fingerprint[:16]}...")
     return "\n".join(lines)
+
+
+def report_summary(info: DatasetInfo) -> int:
+    """Prints the summary; returns main's exit code: 1 when the accounting does not balance.
+
+    An unbalanced accounting means rows were lost or counted twice, so the
+    job must not look successful to a scheduler even though its files exist.
+    """
+    print(format_summary(info))
+    problem = info.accounting.mismatch()
+    if problem:
+        print(f"create_dataset: accounting does not balance: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         return report_usage_error("create-dataset", error)
     output_dir = options.view_as(CreateDatasetOptions).output_dir
-    run(argv)
-    print(format_summary(read_dataset_info(output_dir.rstrip("/"))))
-    return 0
+    try:
+        run(argv)
+    except OutputExistsError as error:  # Checked when the run starts, before the pipeline is built.
+        return report_usage_error("create-dataset", error)
+    return report_summary(read_dataset_info(published_dir(output_dir)))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ model_version, created_at) in
   the table is created day-partitioned on created_at and clustered by
   model_version, label.
 
-plus ``rejected-*.jsonl`` dead letters in ``--artifacts_dir`` (default: the
-DuckDB file's or Parquet root's directory). The job prints ``read``,
+plus ``rejected-*.jsonl`` dead letters in a run directory of their own:
+published under ``--artifacts_dir`` (``schemas.publication``; a non-empty one
+needs ``--overwrite``) or, by default, under ``PATH.runs/`` beside a DuckDB
+file or ``DIR/_runs/`` in a Parquet root, so concurrent jobs never overwrite
+each other's. The job prints ``read``,
 ``embedded`` and ``rejected`` counts; read = embedded + rejected. Query the
 table with ``vision-pipelines sql``.
 
@@ -32,7 +35,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 import sys
 from typing import Any, Iterable
 
@@ -41,8 +43,10 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
+from schemas import counters
 from schemas import embedding as embedding_schema
-from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri
+from schemas.publication import OutputExistsError, OutputRun
+from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
 from transforms import model_handler
 from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters, counter_total
 from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
@@ -54,8 +58,8 @@ from transforms.warehouse import WriteEmbeddings
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_WAREHOUSE = "duckdb:warehouse.duckdb"
-EMBEDDED_COUNTER = "embedded"
-REJECTED_COUNTER = "rejected"
+EMBEDDED_COUNTER = counters.EMBEDDED
+REJECTED_COUNTER = counters.REJECTED
 
 
 class ExtractEmbeddingsOptions(InferenceOptions):
@@ -69,35 +73,53 @@ class ExtractEmbeddingsOptions(InferenceOptions):
         parser.add_argument("--write_disposition", choices=WRITE_DISPOSITIONS, default="append",
                             help="Append rows to the table or replace its contents.")
         parser.add_argument("--artifacts_dir", default=None,
-                            help="Where rejected-*.jsonl goes (default: beside a DuckDB file / the Parquet root).")
+                            help="Where rejected-*.jsonl goes, published under the output rule (default: a run "
+                                 "directory of its own under PATH.runs/ beside a DuckDB file or DIR/_runs/).")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="Replace a non-empty --artifacts_dir (published only when the new run succeeded).")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExtractEmbeddingsConfig:
-    """Validated job configuration, built once from the options."""
+    """Validated job configuration, built once from the options.
+
+    Attributes:
+      artifacts_dir: ``--artifacts_dir`` as given, or None for a run
+        directory under ``artifacts_root`` beside the warehouse.
+    """
 
     inference: InferenceConfig
     warehouse_uri: str
-    artifacts_dir: str
+    artifacts_dir: str | None
+    artifacts_root: str | None
     write_disposition: str
+    overwrite: bool
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "ExtractEmbeddingsConfig":
         flags = options.view_as(ExtractEmbeddingsOptions)
         warehouse = parse_warehouse_uri(flags.warehouse, embedding_schema.EMBEDDINGS_TABLE.default_table)
-        artifacts_dir = flags.artifacts_dir
-        if artifacts_dir is None and warehouse.kind == "duckdb":
-            artifacts_dir = os.path.dirname(os.path.abspath(warehouse.location))
-        elif artifacts_dir is None and warehouse.kind == "parquet":
-            artifacts_dir = warehouse.location
-        if artifacts_dir is None:
+        artifacts_root = run_artifacts_root(warehouse)
+        if flags.artifacts_dir is None and artifacts_root is None:
             raise ValueError(f"--artifacts_dir is required with --warehouse {flags.warehouse} (for rejected-*.jsonl)")
         return cls(
             inference=InferenceConfig.from_options(options),
             warehouse_uri=flags.warehouse,
-            artifacts_dir=artifacts_dir.rstrip("/"),
+            artifacts_dir=flags.artifacts_dir.rstrip("/") if flags.artifacts_dir else None,
+            artifacts_root=artifacts_root,
             write_disposition=flags.write_disposition,
+            overwrite=flags.overwrite,
         )
+
+    def start_artifacts_run(self) -> OutputRun:
+        """This run's artifacts directory: under ``--artifacts_dir`` (output rule) or its own beside the warehouse.
+
+        Raises:
+          OutputExistsError: ``--artifacts_dir`` is not empty and ``--overwrite`` was not given.
+        """
+        if self.artifacts_dir is not None:
+            return OutputRun.start(self.artifacts_dir, overwrite=self.overwrite, flag="--artifacts_dir")
+        return OutputRun.start(str(self.artifacts_root), overwrite=True)
 
 
 def embedding_row(
@@ -169,21 +191,28 @@ class ExtractEmbeddings(beam.PTransform):
 
 
 def run(argv: list[str] | None = None) -> PipelineResult:
-    """Builds and runs the job; returns the finished pipeline's result."""
+    """Builds and runs the job; publishes its artifacts directory when it succeeded."""
     options = make_pipeline_options(list(argv or []), job_options=ExtractEmbeddingsOptions)
     config = ExtractEmbeddingsConfig.from_options(options)
     handler = config.inference.make_handler()
-    pipeline = beam.Pipeline(options=options)
-    images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.inference.input_spec)
-    rows, embed_letters = images | "ExtractEmbeddings" >> ExtractEmbeddings(handler)
-    _ = rows | "WriteEmbeddings" >> WriteEmbeddings(config.warehouse_uri, write_disposition=config.write_disposition)
-    _ = (
-        (read_letters, embed_letters)
-        | "MergeDeadLetters" >> beam.Flatten()
-        | "WriteDeadLetters" >> WriteDeadLetters(config.artifacts_dir)
-    )
-    result = pipeline.run()
-    result.wait_until_finish()
+    artifacts = config.start_artifacts_run()
+    try:
+        pipeline = beam.Pipeline(options=options)
+        images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.inference.input_spec)
+        rows, embed_letters = images | "ExtractEmbeddings" >> ExtractEmbeddings(handler)
+        _ = rows | "WriteEmbeddings" >> WriteEmbeddings(config.warehouse_uri,
+                                                        write_disposition=config.write_disposition)
+        _ = (
+            (read_letters, embed_letters)
+            | "MergeDeadLetters" >> beam.Flatten()
+            | "WriteDeadLetters" >> WriteDeadLetters(artifacts.run_dir)
+        )
+        result = pipeline.run()
+        result.wait_until_finish()
+    except BaseException:
+        artifacts.abandon()
+        raise
+    _LOGGER.info("dead letters of this run: %s", artifacts.publish())
     return result
 
 
@@ -198,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             make_pipeline_options(list(argv or []), job_options=ExtractEmbeddingsOptions))
     except ValueError as error:
         return report_usage_error("extract-embeddings", error)
-    counts = accounting(run(argv))
+    try:
+        result = run(argv)
+    except OutputExistsError as error:  # Checked when the run starts, before the pipeline is built.
+        return report_usage_error("extract-embeddings", error)
+    counts = accounting(result)
     print(json.dumps(counts, sort_keys=True))
     if counts[READ_COUNTER] != counts[EMBEDDED_COUNTER] + counts[REJECTED_COUNTER]:
         _LOGGER.error("Accounting mismatch: read %d != embedded %d + rejected %d",

@@ -8,8 +8,12 @@ or hyperparameter flags for a single trial (flags also override the spec's
 Outputs in ``--output_dir``: ``trials/<trial_id>/`` per trial (SavedModel with
 serving signatures, model.keras, model_info.json, metrics.json, plots,
 checkpoints, TensorBoard logs), ``best/`` (the best trial by
-``--selection_metric`` on the validation split), ``trials.json`` (the
-leaderboard, failures included) and ``rejected-*.jsonl`` (failed trials).
+``--selection_metric`` on the validation split, published as
+``best/CURRENT`` -> ``best/run-*/`` only when it is at least as good as the
+model published before on the same split of the same dataset, or with
+``--force_publish``), ``trials.json`` (the leaderboard, failures and the
+publishing decision) and ``rejected-*.jsonl`` (failed trials). Rerunning into
+the same ``--output_dir`` resumes unfinished trials from their checkpoints.
 
 Examples:
   vision-pipelines train --dataset_dir /tmp/digits_ds --output_dir /tmp/digits_model
@@ -23,7 +27,6 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from typing import Any
@@ -34,7 +37,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from model_lib.trials import TrialSpec, load_trials
-from schemas import model_artifacts
+from schemas import layout
+from schemas.leaderboard import Leaderboard
+from schemas.publication import published_dir
 from transforms.dead_letters import WriteDeadLetters
 from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.training_trials import PublishBestTrial, RunTrials
@@ -76,6 +81,8 @@ class TrainOptions(PipelineOptions):
                             help="Resource hint for the training step, e.g. "
                                  "'type:nvidia-tesla-t4;count:1;install-nvidia-driver' (Dataflow).")
         parser.add_argument("--trial_min_ram", default=None, help="Resource hint for the training step, e.g. 16GB.")
+        parser.add_argument("--force_publish", action="store_true",
+                            help="Publish the best trial to best/ even if the published model scores better.")
         for name, kind in HPARAM_FLAGS.items():
             parser.add_argument(f"--{name}", type=kind, default=None,
                                 help=f"Hyperparameter {name} for every trial (see model_lib.training.HParams).")
@@ -90,6 +97,7 @@ class TrainConfig:
     trials: tuple[TrialSpec, ...]
     selection_metric: str
     resource_hints: dict[str, str]
+    force_publish: bool = False
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "TrainConfig":
@@ -97,10 +105,12 @@ class TrainConfig:
         for name in ("dataset_dir", "output_dir"):
             if not getattr(flags, name):
                 raise ValueError(f"--{name} is required")
-        dataset_dir = flags.dataset_dir.rstrip("/")
-        if not FileSystems.exists(FileSystems.join(dataset_dir, "dataset_info.json")):
-            raise ValueError(f"--dataset_dir {dataset_dir} is not a create_dataset output (no dataset_info.json)")
+        dataset_dir = published_dir(flags.dataset_dir)
+        if not FileSystems.exists(FileSystems.join(dataset_dir, layout.DATASET_INFO_FILE)):
+            raise ValueError(f"--dataset_dir {flags.dataset_dir} is not a create_dataset output "
+                             f"(no {layout.DATASET_INFO_FILE})")
         overrides = {name: getattr(flags, name) for name in HPARAM_FLAGS if getattr(flags, name) is not None}
+        check_hparam_flags(overrides)
         hints = {"accelerator": flags.trial_accelerator, "min_ram": flags.trial_min_ram}
         return cls(
             dataset_dir=dataset_dir,
@@ -108,7 +118,26 @@ class TrainConfig:
             trials=tuple(load_trials(flags.trials, overrides)),
             selection_metric=flags.selection_metric,
             resource_hints={k: v for k, v in hints.items() if v},
+            force_publish=flags.force_publish,
         )
+
+
+def check_hparam_flags(overrides: dict[str, Any]) -> None:
+    """Validates hyperparameter flags before launch: they apply to every trial, so a bad one fails the job.
+
+    (A bad value inside a trial spec fails only its own trial, as a dead letter.)
+
+    Raises:
+      ValueError: A flag value ``model_lib.training.HParams`` rejects, named by its flag.
+    """
+    if not overrides:
+        return
+    from model_lib import training  # The launcher validates with the same rules the trials use.
+
+    try:
+        training.HParams.from_dict(overrides)
+    except training.InvalidHyperparameter as error:
+        raise ValueError(f"invalid hyperparameter flag: {error}") from error
 
 
 class Train(beam.PTransform):
@@ -124,7 +153,7 @@ class Train(beam.PTransform):
             config.dataset_dir, config.output_dir, config.selection_metric, config.resource_hints
         )
         board = (results, letters) | "PublishBestTrial" >> PublishBestTrial(
-            config.output_dir, config.selection_metric
+            config.output_dir, config.dataset_dir, config.selection_metric, config.force_publish
         )
         return {"results": results, "dead_letters": letters, "leaderboard": board}
 
@@ -148,28 +177,26 @@ def execute(options: PipelineOptions, config: TrainConfig) -> PipelineResult:
     return result
 
 
-def read_leaderboard(output_dir: str) -> dict[str, Any]:
-    path = FileSystems.join(output_dir.rstrip("/"), model_artifacts.TRIALS_LEADERBOARD_FILE)
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read().decode("utf-8"))
-
-
-def format_summary(board: dict[str, Any]) -> str:
-    """The leaderboard and the best trial's test metrics, for the terminal."""
-    metric = board["selection_metric"]
-    lines = [f"{len(board['trials'])} trial(s) succeeded, {len(board['failed'])} failed; ranked by {metric}"]
-    for row in board["trials"]:
-        test = row["test"]
+def format_summary(board: Leaderboard) -> str:
+    """The leaderboard, the best trial's test metrics and the publishing decision, for the terminal."""
+    lines = [f"{len(board.trials)} trial(s) succeeded, {len(board.failed)} failed; ranked by {board.selection_metric}"]
+    for rank, row in enumerate(board.trials, start=1):
+        test = row.test
         test_text = f"test accuracy {test['accuracy']:.4f} macro_f1 {test['macro_f1']:.4f}" if test else "no test split"
         lines.append(
-            f"  #{row['rank']} {row['trial_id']:<24} {row['hparams']['arch']:<16} "
-            f"val accuracy {row['validation']['accuracy']:.4f} loss {row['validation']['loss']:.4f}  "
-            f"{test_text}  ({row['epochs_run']} epochs, {row['train_seconds']:.0f}s)"
+            f"  #{rank} {row.trial_id:<24} {row.hparams['arch']:<16} "
+            f"val accuracy {row.validation['accuracy']:.4f} loss {row.validation['loss']:.4f}  "
+            f"{test_text}  ({row.epochs_run} epochs, {row.train_seconds:.0f}s)"
         )
-    for failure in board["failed"]:
-        lines.append(f"  FAILED {failure['trial_id']}: {failure['error_type']}: {failure['message'][:200]}")
-    if board["best_trial"]:
-        lines.append(f"best: {board['best_trial']} -> {board['best_dir']}")
+    for failure in board.failed:
+        lines.append(f"  FAILED {failure.trial_id}: {failure.error_type}: {failure.message[:200]}")
+    publication = board.publication
+    if board.best_trial and publication is not None:
+        verb = "published" if publication.published else "NOT published"
+        lines.append(f"best: {board.best_trial} {verb} ({publication.reason})")
+    if publication is not None and publication.model_dir:
+        lines.append(f"published model: {publication.model_dir} (model_version {publication.model_version}); "
+                     f"read it as --model_dir {board.best_dir}")
     return "\n".join(lines)
 
 
@@ -186,14 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         return report_usage_error("train", error)
     execute(options, config)
-    board = read_leaderboard(config.output_dir)
+    board = Leaderboard.read(config.output_dir)
     print(format_summary(board))
-    accounted = len(board["trials"]) + len(board["failed"])
+    accounted = len(board.trials) + len(board.failed)
     if accounted != len(config.trials):
         _LOGGER.error("accounting mismatch: %d trials read, %d succeeded + %d failed",
-                      len(config.trials), len(board["trials"]), len(board["failed"]))
+                      len(config.trials), len(board.trials), len(board.failed))
         return 1
-    return 0 if board["best_trial"] else 1
+    return 0 if board.best_trial else 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 import time
 
 from benchmarks.report import write_section
+from schemas.classification_metrics import ModelMetrics
 
 QUALITY_BAR = 0.97
 
@@ -101,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(output_dir, "trials.json")) as handle:
         board = json.load(handle)
     for row in board["trials"]:
-        with open(os.path.join(row["model_dir"], "metrics.json")) as handle:
-            row["test_count"] = json.load(handle)["test"]["count"]
+        row["test_count"] = ModelMetrics.read(row["model_dir"]).test.count
     command = f"python -m benchmarks.train_digits --work_dir {args.work_dir} --seeds {args.seeds}"
     report = format_report(board, wall, seeds, command)
     print(report)

@@ -24,6 +24,8 @@ WarehouseKind = Literal["bigquery", "duckdb", "parquet"]
 WAREHOUSE_KINDS: tuple[WarehouseKind, ...] = ("bigquery", "duckdb", "parquet")
 WriteDisposition = Literal["append", "truncate"]
 WRITE_DISPOSITIONS: tuple[WriteDisposition, ...] = ("append", "truncate")
+RUNS_SUFFIX = ".runs"  # DuckDB file PATH -> per-run artifacts under PATH.runs/
+PARQUET_RUNS_DIR = "_runs"  # Parquet root DIR -> per-run artifacts under DIR/_runs/ (no table reads it)
 
 # BigQuery project ids may contain '-' (and a domain prefix 'example.com:');
 # dataset and table names are letters, digits and underscores.
@@ -134,3 +136,18 @@ def parse_warehouse_uri(uri: str, default_table: str) -> WarehouseUri:
     if not _NAME_RE.match(table):
         raise ValueError(f"table names are letters, digits and '_'. Received `{uri}`")
     return WarehouseUri(kind, location, table)  # type: ignore[arg-type]
+
+
+def run_artifacts_root(warehouse: WarehouseUri) -> str | None:
+    """Where a job writing to a local warehouse keeps its per-run artifacts when the user names none.
+
+    Each run gets its own ``run-*`` directory under this root
+    (``schemas.publication``), so concurrent jobs writing to one warehouse never
+    overwrite each other's dead letters. BigQuery has no local place: the user
+    names one with ``--artifacts_dir``.
+    """
+    if warehouse.kind == "duckdb":
+        return f"{warehouse.location}{RUNS_SUFFIX}"
+    if warehouse.kind == "parquet":
+        return f"{warehouse.location.rstrip('/')}/{PARQUET_RUNS_DIR}"
+    return None

@@ -9,8 +9,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
-from schemas import layout
+from schemas import counters, layout
 from schemas.dead_letter import DeadLetter
+from schemas.publication import published_dir
 
 METRICS_NAMESPACE = "vision_pipelines"
 
@@ -80,7 +81,7 @@ class _CountRejectionsFn(beam.DoFn):
 
     def process(self, letter: DeadLetter) -> Iterable[DeadLetter]:
         Metrics.counter(METRICS_NAMESPACE, f"rejected_{letter.error_type}").inc()
-        Metrics.counter(METRICS_NAMESPACE, "rejected").inc()
+        Metrics.counter(METRICS_NAMESPACE, counters.REJECTED).inc()
         yield letter
 
 
@@ -123,11 +124,11 @@ class WriteDeadLetters(beam.PTransform):
 
 
 def read_dead_letters(output_dir: str) -> list[DeadLetter]:
-    """Reads back every dead letter a job wrote (local or gs://)."""
+    """Reads back every dead letter a job wrote (local or gs://) in the run ``output_dir`` publishes."""
     from apache_beam.io.filesystems import FileSystems
 
     letters: list[DeadLetter] = []
-    for match in FileSystems.match([layout.rejected_pattern(output_dir)])[0].metadata_list:
+    for match in FileSystems.match([layout.rejected_pattern(published_dir(output_dir))])[0].metadata_list:
         with FileSystems.open(match.path) as handle:
             for line in handle.read().decode("utf-8").splitlines():
                 if line.strip():

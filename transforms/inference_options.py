@@ -12,6 +12,7 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from schemas.publication import published_dir
 from transforms import model_handler
 from transforms.images import ImageSpec
 from transforms.inference_inputs import INPUT_KINDS, InputSpec
@@ -85,7 +86,7 @@ class InferenceConfig:
                 raise ValueError(f"--{name} is required")
         check_numeric_flags(flags)
         return cls(
-            model_dir=flags.model_dir.rstrip("/"),
+            model_dir=published_dir(flags.model_dir),
             input_spec=InputSpec.resolve(flags.input, flags.input_format, flags.max_pixels),
             min_batch_size=flags.min_batch_size,
             max_batch_size=flags.max_batch_size,

@@ -15,6 +15,7 @@ from typing import Iterable, Literal, Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from schemas import counters
 from schemas.dead_letter import DeadLetter
 from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
 from transforms.manifests import ManifestRow, Rating
@@ -28,7 +29,7 @@ LOW_AGREEMENT = "low_agreement"
 DUPLICATE_URI = "duplicate_uri"
 RATING_FOR_UNKNOWN_IMAGE = "rating_for_unknown_image"
 STAGE = "resolve_labels"
-RATINGS_STAGE = "read_ratings"
+RATINGS_STAGE = counters.READ_RATINGS_STAGE
 
 
 @dataclasses.dataclass(frozen=True)

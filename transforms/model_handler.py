@@ -39,6 +39,7 @@ from schemas import model_artifacts
 from schemas import prediction as prediction_schema
 from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
+from schemas.publication import published_dir
 from transforms.dead_letters import METRICS_NAMESPACE, ToDeadLetters
 
 _LOGGER = logging.getLogger(__name__)
@@ -221,8 +222,8 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
         if model_copies is not None and model_copies < 1:
             raise ValueError(f"model_copies must be >= 1. Received `model_copies={model_copies}`")
         super().__init__(large_model=large_model, model_copies=model_copies)
-        self._model_dir = model_dir
-        self._info = ModelInfo.read(model_dir)
+        self._model_dir = published_dir(model_dir)
+        self._info = ModelInfo.read(self._model_dir)
         # One token per handler (per pipeline), pickled to workers with it: the
         # steps of one pipeline share a model copy, separate pipelines don't.
         self._token = uuid.uuid4().hex

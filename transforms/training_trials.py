@@ -6,8 +6,9 @@ Each element is a ``model_lib.trials.TrialSpec``. ``RunTrials`` trains it with
 trial's last checkpoint). A trial that fails (invalid hyperparameter,
 diverging loss, anything else) becomes a dead letter with the reason while
 the other trials go on. ``PublishBestTrial`` ranks the finished trials by a
-validation metric, copies the winner to ``OUTPUT/best/`` and writes the
-``OUTPUT/trials.json`` leaderboard.
+validation metric, publishes the winner under ``OUTPUT/best/`` if it is at
+least as good as the published model, and writes the ``OUTPUT/trials.json``
+leaderboard.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import json
 import logging
 from typing import Any, Iterable
 
@@ -26,6 +26,9 @@ from apache_beam.metrics import Metrics
 from model_lib.trials import TrialSpec
 from schemas import model_artifacts
 from schemas.dead_letter import DeadLetter
+from schemas.leaderboard import FailedTrial, Leaderboard, Publication, TrialResult
+from schemas.model_artifacts import ModelInfo
+from schemas.publication import OutputRun, published_dir
 from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
 
 _LOGGER = logging.getLogger(__name__)
@@ -33,43 +36,6 @@ _LOGGER = logging.getLogger(__name__)
 RUN_TRIAL_STAGE = "RunTrial"
 TRIALS_SUCCEEDED_COUNTER = "trials_succeeded"
 _SUMMARY_METRICS = ("accuracy", "loss", "macro_f1")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialResult:
-    """A finished trial: where its model is and how it scored.
-
-    Attributes:
-      trial_id: The trial's id.
-      hparams: The full hyperparameters it trained with (defaults filled in).
-      model_dir: ``OUTPUT/trials/<trial_id>``, an exported model directory.
-      model_version: Hash of the trained weights (model_info.json).
-      validation: accuracy, loss and macro_f1 on the validation split.
-      test: The same on the test split (empty without a test split).
-      epochs_run: Epochs completed.
-      best_epoch: Epoch whose weights were kept.
-      train_seconds: Fitting time of the last run.
-      started_at: UTC ISO time the trial started (shows which trials ran in parallel).
-      finished_at: UTC ISO time the trial finished.
-    """
-
-    trial_id: str
-    hparams: dict[str, Any]
-    model_dir: str
-    model_version: str
-    validation: dict[str, float]
-    test: dict[str, float]
-    epochs_run: int
-    best_epoch: int
-    train_seconds: float
-    started_at: str
-    finished_at: str
-
-    def score(self, metric: str) -> tuple[float, float]:
-        """Sort key, larger is better: the selection metric, then lower validation loss."""
-        if metric == "val_loss":
-            return (-self.validation["loss"], 0.0)
-        return (self.validation[metric.removeprefix("val_")], -self.validation["loss"])
 
 
 def _now() -> str:
@@ -126,8 +92,8 @@ class RunTrialFn(beam.DoFn):
             hparams=hparams.to_dict(),
             model_dir=directory,
             model_version=result.model_info.model_version,
-            validation=_summary(result.metrics["validation"]),
-            test=_summary(result.metrics["test"]) if "test" in result.metrics else {},
+            validation=_summary(result.metrics.validation.to_dict()),
+            test=_summary(result.metrics.test.to_dict()) if result.metrics.test else {},
             epochs_run=result.epochs_run,
             best_epoch=result.best_epoch,
             train_seconds=round(result.train_seconds, 3),
@@ -174,62 +140,96 @@ def _rank_key(result: TrialResult, metric: str) -> tuple[tuple[float, ...], str]
 
 def leaderboard(
     results: list[TrialResult], failures: list[DeadLetter], metric: str, best_dir: str | None
-) -> dict[str, Any]:
-    """Ranks trials (best first; ties by lower validation loss, then trial id) into trials.json content."""
+) -> Leaderboard:
+    """Ranks trials (best first; ties by lower validation loss, then trial id) into the trials.json contract."""
     ranked = sorted(results, key=functools.partial(_rank_key, metric=metric))
-    return {
-        "selection_metric": metric,
-        "best_trial": ranked[0].trial_id if ranked else None,
-        "best_dir": best_dir if ranked else None,
-        "trials": [{"rank": rank, **dataclasses.asdict(r)} for rank, r in enumerate(ranked, start=1)],
-        "failed": [
-            {"trial_id": letter.input_ref.removeprefix("trial:"), "error_type": letter.error_type,
-             "message": letter.message}
-            for letter in sorted(failures, key=lambda f: f.input_ref)
+    return Leaderboard(
+        selection_metric=metric,
+        best_trial=ranked[0].trial_id if ranked else None,
+        best_dir=best_dir if ranked else None,
+        trials=ranked,
+        failed=[
+            FailedTrial(trial_id=letter.input_ref.removeprefix("trial:"), error_type=letter.error_type,
+                        message=letter.message)
+            for letter in sorted(failures, key=_letter_ref)
         ],
-    }
+    )
+
+
+def _letter_ref(letter: DeadLetter) -> str:
+    return letter.input_ref
+
+
+def published_model_dir(best_root: str) -> str | None:
+    """The model directory ``OUTPUT/best`` currently publishes, or None when there is none."""
+    current = published_dir(best_root)
+    return current if FileSystems.exists(FileSystems.join(current, model_artifacts.MODEL_INFO_FILE)) else None
 
 
 class PublishBestTrialFn(beam.DoFn):
-    """All results (one list) -> copies the best to ``OUTPUT/best`` and writes ``trials.json``.
+    """All results (one list) -> blesses and publishes the best trial, writes ``trials.json``.
 
-    Runs once per job on the combined results, so the copy and the
-    leaderboard are written by a single worker.
+    Runs once per job on the combined results, so publishing and the
+    leaderboard are done by a single worker. The best trial is copied into a
+    fresh ``OUTPUT/best/run-*`` directory and ``OUTPUT/best/CURRENT`` is
+    switched to it last (``schemas.publication``), so a reader never sees a
+    half-copied model and a failed copy leaves the published one in place.
+    It is published only if it is at least as good as the published model on
+    the same split of the same dataset (``model_lib.blessing``), unless
+    ``force_publish``.
     """
 
-    def __init__(self, output_dir: str, metric: str):
+    def __init__(self, output_dir: str, dataset_dir: str, metric: str, force_publish: bool = False):
         self._output_dir = output_dir
+        self._dataset_dir = dataset_dir
         self._metric = metric
+        self._force_publish = force_publish
 
-    def process(self, results: list[TrialResult], failures: list[DeadLetter]) -> Iterable[dict[str, Any]]:
-        from model_lib import export, training  # TensorFlow only where the copy runs.
+    def process(self, results: list[TrialResult], failures: list[DeadLetter]) -> Iterable[Leaderboard]:
+        from model_lib import blessing, export, training  # TensorFlow only where publishing runs.
 
-        best_dir = FileSystems.join(self._output_dir, model_artifacts.BEST_DIR)
-        board = leaderboard(results, failures, self._metric, best_dir)
-        if board["best_trial"] is not None:
-            winner = trial_dir(self._output_dir, board["best_trial"])
-            export.copy_model_dir(winner, best_dir, exclude=(training.CHECKPOINT_DIR, training.TENSORBOARD_DIR))
-            _LOGGER.info("best trial %s copied to %s", board["best_trial"], best_dir)
+        best_root = FileSystems.join(self._output_dir, model_artifacts.BEST_DIR)
+        board = leaderboard(results, failures, self._metric, best_root)
+        baseline = published_model_dir(best_root)
+        if board.best_trial is None:
+            _LOGGER.error("no trial succeeded; nothing published to %s", best_root)
+            publication = Publication(False, "no trial succeeded", baseline,
+                                      ModelInfo.read(baseline).model_version if baseline else None)
         else:
-            _LOGGER.error("no trial succeeded; nothing published to %s", best_dir)
-        path = FileSystems.join(self._output_dir, model_artifacts.TRIALS_LEADERBOARD_FILE)
-        with FileSystems.create(path) as handle:
-            handle.write(json.dumps(board, indent=2, sort_keys=True).encode("utf-8"))
+            winner = board.trials[0]
+            decision = blessing.decide(winner.model_dir, winner.validation, baseline, self._dataset_dir,
+                                       self._metric, force=self._force_publish)
+            if decision.publish:
+                run = OutputRun.start(best_root, overwrite=True, flag="best/")
+                try:
+                    export.copy_model_dir(winner.model_dir, run.run_dir,
+                                          exclude=(training.CHECKPOINT_DIR, training.TENSORBOARD_DIR))
+                except BaseException:
+                    run.abandon()
+                    raise
+                published = run.publish()
+                _LOGGER.info("best trial %s published to %s: %s", winner.trial_id, published, decision.reason)
+                publication = Publication(True, decision.reason, published, winner.model_version,
+                                          decision.candidate_score, decision.baseline_score)
+            else:
+                _LOGGER.warning("best trial %s not published: %s", winner.trial_id, decision.reason)
+                publication = Publication(False, decision.reason, baseline,
+                                          ModelInfo.read(baseline).model_version if baseline else None,
+                                          decision.candidate_score, decision.baseline_score)
+        board = dataclasses.replace(board, publication=publication)
+        board.write(self._output_dir)
         yield board
 
 
 class PublishBestTrial(beam.PTransform):
-    """``(results, dead_letters)`` -> a one-element PCollection with the leaderboard dict."""
+    """``(results, dead_letters)`` -> a one-element PCollection with the ``Leaderboard``."""
 
-    def __init__(self, output_dir: str, metric: str):
+    def __init__(self, output_dir: str, dataset_dir: str, metric: str, force_publish: bool = False):
         super().__init__()
-        self._output_dir = output_dir
-        self._metric = metric
+        self._fn = PublishBestTrialFn(output_dir, dataset_dir, metric, force_publish)
 
     def expand(self, inputs: tuple[beam.PCollection[TrialResult], beam.PCollection[DeadLetter]]):
         results, letters = inputs
         collected = results | "CollectResults" >> beam.combiners.ToList()
         failures = letters | "CollectFailures" >> beam.combiners.ToList()
-        return collected | "SelectBestTrial" >> beam.ParDo(
-            PublishBestTrialFn(self._output_dir, self._metric), failures=beam.pvalue.AsSingleton(failures)
-        )
+        return collected | "SelectBestTrial" >> beam.ParDo(self._fn, failures=beam.pvalue.AsSingleton(failures))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import json
@@ -18,10 +19,13 @@ from sklearn.metrics import precision_recall_fscore_support
 from beam_jobs import batch_predict, cli
 from model_lib import sample_data
 from schemas import model_artifacts, prediction
+from schemas.classification_metrics import EvalReport, ModelMetrics
 from schemas.dataset import DATASET_RECORD
 from schemas.model_artifacts import ModelInfo
+from schemas.publication import published_dir
 from transforms.dead_letters import read_dead_letters
 from transforms.model_handler import INFERENCE_FAILED
+from transforms.prediction_eval import evaluation_report
 from transforms.runner_policy import make_pipeline_options
 from transforms.splitting import image_id_for_uri
 
@@ -60,7 +64,7 @@ def write_manifest(path: str, rows: list[tuple[str, str]]) -> str:
 
 def read_rows(output_dir: str) -> list[dict]:
     rows = []
-    for path in sorted(glob.glob(os.path.join(output_dir, f"{prediction.PREDICTIONS_PREFIX}-*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(published_dir(output_dir), f"{prediction.PREDICTIONS_PREFIX}-*.jsonl"))):
         with open(path) as handle:
             rows.extend(json.loads(line) for line in handle if line.strip())
     return rows
@@ -130,23 +134,22 @@ def test_predicts_good_images_dead_letters_bad_ones_and_accounts_for_all(
     assert counts["predicted"] == len(predicted) and counts["rejected"] == len(letters)
     assert counts["model_loads"] == 1
 
-    with open(os.path.join(out, prediction.EVAL_FILE)) as handle:
-        report = json.load(handle)
+    report = EvalReport.read(os.path.join(published_dir(out), prediction.EVAL_FILE))
     truth = [row["true_label"] for row in predicted]
     guess = [row["label"] for row in predicted]
-    classes = report["confusion_matrix"]["labels"]
+    classes = report.labels
     assert set(truth) | set(guess) <= set(classes)
     precision, recall, f1, support = precision_recall_fscore_support(truth, guess, labels=classes, zero_division=0)
-    assert report["count"] == len(predicted)
-    assert report["accuracy"] == pytest.approx(np.mean(np.array(truth) == np.array(guess)))
+    assert report.count == len(predicted)
+    assert report.accuracy == pytest.approx(np.mean(np.array(truth) == np.array(guess)))
     for i, label in enumerate(classes):
-        got = report["per_class"][label]
-        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((precision[i], recall[i], f1[i]))
-        assert got["support"] == support[i]
-    assert sum(s["count"] for s in report["slices"]["true_label"].values()) == len(predicted)
-    by_source = report["slices"]["source"]
+        got = report.per_class[label]
+        assert (got.precision, got.recall, got.f1) == pytest.approx((precision[i], recall[i], f1[i]))
+        assert got.support == support[i]
+    assert sum(s.count for s in report.slices["true_label"].values()) == len(predicted)
+    by_source = report.slices["source"]
     assert set(by_source) == {row["source"] for row in predicted}
-    assert sum(s["count"] for s in by_source.values()) == len(predicted)
+    assert sum(s.count for s in by_source.values()) == len(predicted)
 
 
 def test_parquet_output_reads_back_with_the_schema(trained_digits_model, serving, digits, tmp_path):
@@ -155,7 +158,7 @@ def test_parquet_output_reads_back_with_the_schema(trained_digits_model, serving
         "batch-predict", "--model_dir", trained_digits_model, "--input", os.path.join(digits.image_dir, "*", "*.png"),
         "--output", out, "--output_format", "parquet", "--top_k", "2",
     ]) == 0
-    table = pq.read_table(os.path.join(out, prediction.PREDICTIONS_PREFIX))
+    table = pq.read_table(os.path.join(published_dir(out), prediction.PREDICTIONS_PREFIX))
     assert table.schema.remove_metadata() == prediction.PREDICTION_RECORD.arrow_schema()
     rows = table.to_pylist()
     assert len(rows) == DIGITS
@@ -164,7 +167,7 @@ def test_parquet_output_reads_back_with_the_schema(trained_digits_model, serving
         row["top_k_probabilities"] = [float(p) for p in row["top_k_probabilities"]]
     assert_rows_match_saved_model(rows, serving, trained_digits_model, top_k=2)
     # No labels in the input: nothing to evaluate.
-    assert not os.path.exists(os.path.join(out, prediction.EVAL_FILE))
+    assert not os.path.exists(os.path.join(published_dir(out), prediction.EVAL_FILE))
     assert read_dead_letters(out) == []
 
 
@@ -190,7 +193,7 @@ def test_bigquery_output_through_the_emulator(trained_digits_model, digits, bigq
     loads = [job for job in client.list_jobs() if job.job_type == "load"
              and job.destination is not None and job.destination.table_id == table.table_id]
     assert loads, "rows must arrive through a load job (FILE_LOADS)"
-    assert os.path.exists(os.path.join(artifacts, prediction.EVAL_FILE))
+    assert os.path.exists(os.path.join(published_dir(artifacts), prediction.EVAL_FILE))
 
 
 def test_runs_on_two_worker_processes(trained_digits_model, serving, digits, tmp_path):
@@ -223,17 +226,21 @@ def test_dataset_tfrecords_are_predicted_with_their_ids_and_sliced_by_split(
     for row in rows:
         record = records[row["image_id"]]
         assert (row["uri"], row["true_label"], row["split"]) == (record["uri"], record["label"], record["split"])
-    with open(os.path.join(out, prediction.EVAL_FILE)) as handle:
-        report = json.load(handle)
+    report = EvalReport.read(os.path.join(published_dir(out), prediction.EVAL_FILE))
     splits = {row["split"] for row in rows}
-    assert set(report["slices"]["split"]) == splits == {"train", "valid", "test"}
+    assert set(report.slices["split"]) == splits == {"train", "valid", "test"}
     for split in splits:
         in_split = [row for row in rows if row["split"] == split]
-        assert report["slices"]["split"][split]["count"] == len(in_split)
-        assert report["slices"]["split"][split]["accuracy"] == pytest.approx(
+        assert report.slices["split"][split].count == len(in_split)
+        assert report.slices["split"][split].accuracy == pytest.approx(
             np.mean([row["label"] == row["true_label"] for row in in_split]))
     # The trained model is good on digits; a broken input path (e.g. mismatched preprocessing) would not be.
-    assert report["slices"]["split"]["test"]["accuracy"] > 0.9
+    assert report.slices["split"]["test"].accuracy > 0.9
+    # batch_predict's evaluation of the test split's rows is train's test evaluation, number for number.
+    test_counts = collections.Counter((row["true_label"], row["label"]) for row in rows if row["split"] == "test")
+    batch_side = evaluation_report({"confusion": test_counts, "slices": collections.Counter()},
+                                   ModelInfo.read(trained_digits_model).labels)
+    assert batch_side.shared_values() == ModelMetrics.read(trained_digits_model).test.shared_values()
 
 
 @pytest.mark.parametrize(
@@ -257,8 +264,10 @@ def test_output_forms_resolve_to_rows_and_artifacts_locations(tmp_path):
                                   job_options=batch_predict.BatchPredictOptions))
 
     jsonl = config("--output", "/out/")
-    assert (jsonl.warehouse_uri, jsonl.artifacts_dir) == (None, "/out")
+    assert (jsonl.output_dir, jsonl.warehouse_uri, jsonl.artifacts_dir) == ("/out", None, None)
     parquet = config("--output", "/out", "--output_format", "parquet")
-    assert (parquet.warehouse_uri, parquet.artifacts_dir) == ("parquet:/out#predictions", "/out")
+    assert (parquet.output_dir, parquet.output_format, parquet.warehouse_uri) == ("/out", "parquet", None)
     bigquery = config("--output", "bigquery:my-project.ds.t", "--artifacts_dir", "gs://b/run")
     assert (bigquery.warehouse_uri, bigquery.artifacts_dir) == ("bigquery:my-project.ds.t", "gs://b/run")
+    duckdb = config("--output", "duckdb:/w/db.duckdb")
+    assert (duckdb.artifacts_dir, duckdb.artifacts_root) == (None, "/w/db.duckdb.runs")

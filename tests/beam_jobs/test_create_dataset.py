@@ -21,6 +21,8 @@ from model_lib import sample_data
 from model_lib.dataset_io import read_dataset
 from model_lib.preprocessing import PIXELS
 from schemas import dataset, layout
+from schemas.dataset_info import Accounting, DatasetInfo
+from schemas.publication import published_dir
 from transforms.dead_letters import read_dead_letters
 from transforms.runner_policy import make_pipeline_options
 
@@ -32,15 +34,15 @@ def digits(tmp_path_factory) -> sample_data.SampleData:
     return sample_data.write_digits(str(tmp_path_factory.mktemp("digits")), limit=DIGITS)
 
 
-def _run(manifest: str, output_dir: str, *extra: str) -> dict:
+def _run(manifest: str, output_dir: str, *extra: str) -> DatasetInfo:
     create_dataset.run(["--manifest", manifest, "--output_dir", output_dir, *extra])
-    return create_dataset.read_dataset_info(output_dir)
+    return create_dataset.read_dataset_info(published_dir(output_dir))
 
 
 def _records(output_dir: str, split_names=("train", "valid", "test")) -> list[dict]:
     records = []
     for split in split_names:
-        files = tf.io.gfile.glob(layout.split_pattern(output_dir, split))
+        files = tf.io.gfile.glob(layout.split_pattern(published_dir(output_dir), split))
         assert files, f"no shard for split {split}"
         for raw in tf.data.TFRecordDataset(files, compression_type="GZIP"):
             records.append(dataset.DATASET_RECORD.from_tf_example(raw.numpy()))
@@ -64,7 +66,8 @@ def test_png_round_trip_returns_every_image_exactly_with_its_label(digits, tmp_p
     out = str(tmp_path / "ds")
     info = _run(digits.manifest, out, "--labels_file", digits.labels_file, "--image_size", "32",
                 "--channels", "1", "--image_format", "png")
-    assert info["accounting"] == {"read": DIGITS, "written": DIGITS, "rejected": 0, "balanced": True}
+    out = published_dir(out)
+    assert info.accounting == Accounting(read=DIGITS, written=DIGITS, rejected=0)
     expected = dict(csv.reader(open(digits.manifest)))
     seen = {}
     for split in ("train", "valid", "test"):
@@ -79,9 +82,9 @@ def test_png_round_trip_returns_every_image_exactly_with_its_label(digits, tmp_p
     for name in (layout.LABELS_FILE, layout.SCHEMA_FILE, layout.DATASET_INFO_FILE):
         assert os.path.exists(os.path.join(out, name)), name
     assert open(os.path.join(out, layout.LABELS_FILE)).read().split() == digits.labels
-    assert info["counts"]["train"]["total"] > info["counts"]["test"]["total"] > 0
-    assert info["parameters"]["package_version"] == importlib.metadata.version("vision-pipelines")
-    assert sum(c["total"] for c in info["counts"].values()) == DIGITS
+    assert info.counts["train"].total > info.counts["test"].total > 0
+    assert info.parameters["package_version"] == importlib.metadata.version("vision-pipelines")
+    assert sum(c.total for c in info.counts.values()) == DIGITS
 
     # The transform graph standardizes pixels with train-split statistics.
     transform = tft.TFTransformOutput(out)
@@ -110,10 +113,10 @@ def test_runs_and_shard_counts_give_the_same_records(digits, tmp_path):
     flags = ("--image_size", "16", "--channels", "1", "--image_format", "png", "--skip_analysis")
     first = _run(digits.manifest, str(tmp_path / "a"), *flags)
     second = _run(digits.manifest, str(tmp_path / "b"), *flags, "--num_shards", "3")
-    assert len(tf.io.gfile.glob(layout.split_pattern(str(tmp_path / "b"), "train"))) == 3
+    assert len(tf.io.gfile.glob(layout.split_pattern(published_dir(str(tmp_path / "b")), "train"))) == 3
     assert _membership(_records(str(tmp_path / "a"))) == _membership(_records(str(tmp_path / "b")))
-    assert first["fingerprint"] == second["fingerprint"]
-    assert first["counts"] == second["counts"]
+    assert first.fingerprint == second.fingerprint
+    assert first.counts == second.counts
 
 
 def test_bad_inputs_are_dead_lettered_with_reasons_and_accounted(image_corpus, digits, tmp_path):
@@ -140,8 +143,8 @@ def test_bad_inputs_are_dead_lettered_with_reasons_and_accounted(image_corpus, d
     written = {r["uri"] for r in _records(out)}
     assert written == {p for p, reason in image_corpus.expected.items() if reason is None}
     good, bad = len(written), sum(1 for r in image_corpus.expected.values() if r is not None) + 3
-    assert info["accounting"] == {"read": good + bad, "written": good, "rejected": bad, "balanced": True}
-    assert info["rejected"]["malformed_row"] == 3
+    assert info.accounting == Accounting(read=good + bad, written=good, rejected=bad)
+    assert info.rejected["malformed_row"] == 3
     assert len(letters) == bad
 
 
@@ -158,10 +161,10 @@ def test_ratings_vote_on_unlabeled_images(digits, tmp_path):
     info = _run(manifest, out, "--ratings", ratings, "--min_agreement", "0.6", "--image_size", "16",
                 "--skip_analysis", "--split", "1", "--split_names", "train")
     assert {(r["uri"], r["label"]) for r in _records(out, ("train",))} == {(paths[0], "7"), (paths[3], "4")}
-    assert info["rejected"] == {"no_label": 1, "tied_vote": 1}
-    assert info["rejected_ratings"] == {"rating_for_unknown_image": 1}
-    assert info["labels"] == ["4", "7"]
-    assert info["accounting"]["balanced"]
+    assert info.rejected == {"no_label": 1, "tied_vote": 1}
+    assert info.rejected_ratings == {"rating_for_unknown_image": 1}
+    assert info.labels == ["4", "7"]
+    assert info.accounting.balanced
 
 
 def test_content_dedupe_merges_identical_files_into_one_record(digits, tmp_path):
@@ -177,7 +180,7 @@ def test_content_dedupe_merges_identical_files_into_one_record(digits, tmp_path)
     assert [(letter.error_type, letter.input_ref) for letter in letters] == [("duplicate_content", f"{manifest}:7")]
     first = next(r for r in records if r["uri"] == rows[0][0])
     assert first["image_id"] == first["sha256"][:32]
-    assert info["accounting"] == {"read": 7, "written": 6, "rejected": 1, "balanced": True}
+    assert info.accounting == Accounting(read=7, written=6, rejected=1)
 
 
 def test_multi_processing_runner_gives_the_same_records(digits, tmp_path):
@@ -193,7 +196,7 @@ def test_pipeline_round_trips_through_the_runner_api(digits, tmp_path):
                                     job_options=create_dataset.CreateDatasetOptions)
     config = create_dataset.CreateDatasetConfig.from_options(options)
     pipeline = beam.Pipeline(options=options)
-    _ = pipeline | "CreateDataset" >> create_dataset.CreateDataset(config)
+    _ = pipeline | "CreateDataset" >> create_dataset.CreateDataset(config, str(tmp_path / "x"), str(tmp_path / "t"))
     proto = pipeline.to_runner_api()
     restored = beam.Pipeline.from_runner_api(proto, pipeline.runner, options)
     names = {t.unique_name for t in restored.to_runner_api().components.transforms.values()}
@@ -221,13 +224,15 @@ def test_gcs_input_and_output_through_the_storage_emulator(gcs_emulator, digits)
     # pointed at an emulator; everything Beam reads and writes goes to it here.
     info = _run(manifest, out, "--image_size", "16", "--channels", "1", "--image_format", "png",
                 "--skip_analysis")
-    assert info["accounting"] == {"read": 31, "written": 30, "rejected": 1, "balanced": True}
+    assert info.accounting == Accounting(read=31, written=30, rejected=1)
     assert [letter.error_type for letter in read_dead_letters(out)] == ["missing_file"]
-    shards = FileSystems.match([layout.split_pattern(out, "train")])[0].metadata_list
+    published = published_dir(out)
+    assert published != out
+    shards = FileSystems.match([layout.split_pattern(published, "train")])[0].metadata_list
     assert shards
     local = [gcs_emulator.local_path(m.path) for m in shards]
     uris = {dataset.DATASET_RECORD.from_tf_example(raw.numpy())["uri"]
             for raw in tf.data.TFRecordDataset(local, compression_type="GZIP")}
     assert uris and uris <= {uri for uri, _ in gs_rows}
-    assert FileSystems.exists(layout.join(out, layout.SCHEMA_FILE))
-    assert FileSystems.exists(layout.join(out, layout.LABELS_FILE))
+    assert FileSystems.exists(layout.join(published, layout.SCHEMA_FILE))
+    assert FileSystems.exists(layout.join(published, layout.LABELS_FILE))

@@ -20,6 +20,7 @@ from beam_jobs import extract_embeddings
 from model_lib import sample_data
 from schemas import model_artifacts
 from schemas.model_artifacts import ModelInfo
+from schemas.warehouse import RUNS_SUFFIX
 from transforms import sql_queries as sq
 from transforms.dead_letters import read_dead_letters
 from transforms.splitting import image_id_for_uri
@@ -86,7 +87,7 @@ def duckdb_run(corpus: Corpus, trained_digits_model: str, tmp_path_factory: pyte
         cursor = connection.execute("SELECT * FROM embeddings ORDER BY image_id")
         columns = [d[0] for d in cursor.description]
         rows = [dict(zip(columns, row)) for row in cursor.fetchall()]
-    return Run(warehouse, str(out), code, rows)
+    return Run(warehouse, str(out / f"warehouse.duckdb{RUNS_SUFFIX}"), code, rows)
 
 
 def test_accounting_holds_and_bad_images_are_dead_letters(corpus: Corpus, duckdb_run: Run) -> None:

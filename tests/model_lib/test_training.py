@@ -14,31 +14,33 @@ import pytest
 
 from model_lib import evaluation, export, models, training
 from schemas import model_artifacts
+from schemas.classification_metrics import ModelMetrics
+from schemas.dataset_info import DatasetInfo
 from schemas.model_artifacts import ModelInfo
+from schemas.publication import published_dir
 
 # A tiny CNN for the tests that exercise mechanics rather than accuracy.
 TINY = {"filters": [8, 16], "embedding_dim": 16, "batch_size": 128}
 
 
 def test_trained_model_learns_and_writes_every_artifact(trained_digits_model, digits_dataset):
-    with open(os.path.join(trained_digits_model, model_artifacts.METRICS_FILE)) as handle:
-        metrics = json.load(handle)
+    metrics = ModelMetrics.read(trained_digits_model)
     # Ten classes: chance is 0.10. The short fixture run must still be a good classifier.
-    assert metrics["test"]["accuracy"] >= 0.90
-    assert metrics["validation"]["accuracy"] >= 0.90
-    assert metrics["test"]["count"] == sum(sum(row) for row in metrics["test"]["confusion_matrix"])
-    assert len(metrics["test"]["per_class"]) == 10
-    assert 0.85 <= metrics["test"]["macro_f1"] <= 1.0
-    assert len(metrics["history"]["val_accuracy"]) == metrics["epochs_run"] == 8
+    assert metrics.test.accuracy >= 0.90
+    assert metrics.validation.accuracy >= 0.90
+    assert metrics.test.count == sum(sum(row) for row in metrics.test.confusion_matrix)
+    assert len(metrics.test.per_class) == len(metrics.test.confusion_matrix) == 10
+    assert 0.85 <= metrics.test.macro_f1 <= 1.0
+    assert len(metrics.history["val_accuracy"]) == metrics.epochs_run == 8
 
     info = ModelInfo.read(trained_digits_model)
-    with open(os.path.join(digits_dataset.dataset_dir, "labels.txt")) as handle:
+    dataset_run = published_dir(digits_dataset.dataset_dir)
+    with open(os.path.join(dataset_run, "labels.txt")) as handle:
         assert info.labels == handle.read().split()
-    with open(os.path.join(digits_dataset.dataset_dir, "dataset_info.json")) as handle:
-        assert info.dataset_fingerprint == json.load(handle)["fingerprint"]
+    assert info.dataset_fingerprint == DatasetInfo.read(dataset_run).fingerprint
     assert (info.architecture, info.image_size, info.channels, info.embedding_dim) == ("small_cnn", 32, 1, 128)
     keras_model = keras.models.load_model(os.path.join(trained_digits_model, model_artifacts.KERAS_MODEL_FILE))
-    assert info.model_version == export.model_version(keras_model) == metrics["model_version"]
+    assert info.model_version == export.model_version(keras_model) == metrics.model_version
 
     for name in (evaluation.TRAINING_CURVES_PLOT, evaluation.CONFUSION_MATRIX_PLOT):
         with open(os.path.join(trained_digits_model, name), "rb") as handle:
@@ -98,7 +100,7 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(digits_dataset, t
     assert result.initial_epoch == 1
     assert counter.started == [1, 2]  # Epoch 0 was not redone.
     assert result.epochs_run == 3
-    history = result.metrics["history"]
+    history = result.metrics.history
     assert len(history["loss"]) == 3
     assert history["loss"][0] == pytest.approx(state["history"]["loss"][0])
     # Training went on from the weights of epoch 1, not from a fresh initialization.
@@ -134,11 +136,11 @@ def test_early_stopping_restores_the_best_epoch(digits_dataset, tmp_path):
         digits_dataset.dataset_dir, str(tmp_path / "run"),
         {**TINY, "epochs": 30, "early_stopping_patience": 1, "learning_rate": 1e-5, "lr_schedule": "constant"},
     )
-    history = result.metrics["history"]
+    history = result.metrics.history
     assert result.epochs_run < 30
     best = int(np.argmax(np.array(history["val_accuracy"]) - 1e-9 * np.array(history["val_loss"])))
     assert result.best_epoch == best + 1
-    assert result.metrics["validation"]["accuracy"] == pytest.approx(history["val_accuracy"][best], abs=1e-6)
+    assert result.metrics.validation.accuracy == pytest.approx(history["val_accuracy"][best], abs=1e-6)
 
 
 def test_a_diverging_run_raises_training_diverged(digits_dataset, tmp_path):
@@ -235,7 +237,7 @@ from model_lib import training
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 result = training.train_and_export(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), strategy=strategy)
-print(json.dumps({k: result.metrics[k] for k in ("replicas", "global_batch_size", "epochs_run")}))
+print(json.dumps({k: getattr(result.metrics, k) for k in ("replicas", "global_batch_size", "epochs_run")}))
 """
 
 
