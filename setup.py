@@ -17,6 +17,7 @@ RUNTIME_REQUIREMENTS = [
     "google-cloud-bigquery>=3.20",
     "scikit-learn>=1.4",
     "duckdb>=1.1",
+    "sqlglot>=25",  # Parses users' BigQuery SQL so the sql command runs only a SELECT
     "matplotlib>=3.8",
     "PyYAML>=6",
     "tensorboard>=2.20",  # TensorBoard logs during training (TF 2.21 no longer installs it)

@@ -7,8 +7,18 @@ the rows.
 Inputs: ``--warehouse`` (``bigquery:PROJECT.DATASET.TABLE``, ``duckdb:PATH``
 or ``parquet:DIR``, as written by extract_embeddings) and either
 ``--query NAME`` with that query's parameters or ``--sql "..."`` where
-``{table}`` stands for the embeddings table.
+``{table}`` stands for the embeddings table, deduplicated (the newest row per
+``(image_id, model_version)``, as every named query reads it) and
+``{raw_table}`` for the table as stored.
 Output: the rows on stdout as an aligned table, CSV or a JSON array.
+
+Read-only by construction: ``--sql`` takes exactly one SELECT (or WITH ...
+SELECT) statement; DuckDB runs it on a connection with external access and
+extension loading disabled and its configuration locked, BigQuery only after
+a dry run reports a SELECT, and every BigQuery query is capped by
+``--maximum_bytes_billed``. Errors (bad URI, missing warehouse, refused SQL,
+out-of-bounds parameter, BigQuery NotFound/Forbidden) print one line on
+stderr and exit with status 2.
 
 Example::
 
@@ -33,10 +43,12 @@ import sys
 from typing import Any, Literal
 
 from transforms.sql_queries import (
+    DEFAULT_MAXIMUM_BYTES_BILLED,
     MODEL_VERSION_PARAM,
     NAMED_QUERIES,
     QueryError,
     QueryResult,
+    check_params,
     open_engine,
     run_named_query,
     run_sql,
@@ -45,6 +57,7 @@ from transforms.sql_queries import (
 OutputFormat = Literal["table", "csv", "json"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "csv", "json")
 _TABLE_VECTOR_VALUES = 4  # Vector cells show this many values in the terminal table.
+_MAX_BYTES_BILLED_LIMIT = 10**15  # 1 PB: anything above is a typo, not a budget.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +69,7 @@ class SqlConfig:
     sql: str | None
     params: dict[str, Any]
     output_format: OutputFormat
+    maximum_bytes_billed: int = DEFAULT_MAXIMUM_BYTES_BILLED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,9 +85,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="bigquery:PROJECT.DATASET.TABLE, duckdb:PATH[#TABLE] or parquet:DIR[#TABLE].")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--query", choices=sorted(NAMED_QUERIES), help="A named query.")
-    what.add_argument("--sql", help="Your own SQL; {table} stands for the embeddings table.")
+    what.add_argument("--sql", help="Your own SQL: exactly one SELECT (or WITH ... SELECT) statement. {table} "
+                                    "stands for the embeddings table with the newest row per (image_id, "
+                                    "model_version), {raw_table} for the table as stored.")
     parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="table",
                         help="Output: aligned table (default), csv or json.")
+    parser.add_argument("--maximum_bytes_billed", type=int, default=DEFAULT_MAXIMUM_BYTES_BILLED,
+                        help="BigQuery only: refuse a query that would bill more bytes than this. "
+                             f"Default: {DEFAULT_MAXIMUM_BYTES_BILLED} (10 GiB).")
     parameters = parser.add_argument_group("query parameters (each query takes those it lists)")
     parameters.add_argument(f"--{MODEL_VERSION_PARAM}", help="The model_version to read (default: the newest).")
     by_name: dict[str, list[tuple[str, Any, str]]] = {}
@@ -90,12 +109,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str]) -> SqlConfig:
-    """Parses and checks the command line; argparse exits with status 2 on errors."""
+    """Parses and checks the command line, query parameters' types and bounds included.
+
+    argparse exits with status 2 on unknown flags; everything else raises.
+
+    Raises:
+      QueryError: Parameters given with ``--sql``, or a parameter the named
+        query does not take, of the wrong type or out of bounds.
+    """
     args = _parser().parse_args(argv)
     params = {name: getattr(args, name) for name in args.param_names if getattr(args, name) is not None}
     if args.sql is not None and params:
         raise QueryError(f"--sql takes no query parameters; received {sorted(params)}")
-    return SqlConfig(args.warehouse, args.query, args.sql, params, args.output_format)
+    if args.query is not None:
+        check_params(NAMED_QUERIES[args.query], params)
+    if not 1 <= args.maximum_bytes_billed <= _MAX_BYTES_BILLED_LIMIT:
+        raise QueryError(f"maximum_bytes_billed must be >= 1 and <= {_MAX_BYTES_BILLED_LIMIT}. "
+                         f"Received `maximum_bytes_billed={args.maximum_bytes_billed}`")
+    return SqlConfig(args.warehouse, args.query, args.sql, params, args.output_format, args.maximum_bytes_billed)
 
 
 def _cell_text(value: Any) -> str:
@@ -157,7 +188,7 @@ _FORMATTERS = {"table": format_table, "csv": format_csv, "json": format_json}
 
 
 def _execute(config: SqlConfig) -> QueryResult:
-    engine = open_engine(config.warehouse)
+    engine = open_engine(config.warehouse, maximum_bytes_billed=config.maximum_bytes_billed)
     try:
         if config.sql is not None:
             return run_sql(engine, config.sql)
@@ -173,6 +204,8 @@ def run(argv: list[str] | None = None) -> QueryResult:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command and prints the rows; bad queries or parameters exit with status 2."""
+    # sqlglot warns on stderr when it falls back to an opaque statement; the refusal says it in one line.
+    logging.getLogger("sqlglot").setLevel(logging.ERROR)
     try:
         config = parse_config(list(sys.argv[1:] if argv is None else argv))
         result = _execute(config)

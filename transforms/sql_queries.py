@@ -6,6 +6,13 @@ bound query parameters (``@name`` in BigQuery, ``$name`` in DuckDB), never
 pasted into SQL text; the one exception, the table name, cannot be a
 parameter and is validated by ``schemas.warehouse.parse_warehouse_uri``.
 
+``{table}`` in a query is the deduplicated relation (``latest_rows_sql``): an
+appended rerun writes rows again, and the newest row per ``(image_id,
+model_version)`` is the one every query sees. ``{raw_table}`` is the table as
+stored. Users' own SQL (``run_sql``) is read-only by construction: exactly
+one SELECT, checked by the engine's parser (and BigQuery's dry run), on a
+DuckDB connection that can reach no file, extension or setting.
+
 Every named query except ``versions`` reads one ``model_version`` (the newest,
 by latest ``created_at``, unless given), so rows of different models never mix.
 
@@ -25,9 +32,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import math
 from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
-from schemas.embedding import EMBEDDINGS_TABLE
+from schemas.embedding import (
+    CREATED_AT,
+    EMBEDDING,
+    EMBEDDING_RECORD,
+    EMBEDDINGS_TABLE,
+    IMAGE_ID,
+    LABEL,
+    MODEL_VERSION,
+    SPLIT,
+    URI,
+)
 from schemas.warehouse import WarehouseUri, parse_warehouse_uri
 
 ParamKind = Literal["string", "int64", "float64", "float64_array"]
@@ -57,7 +75,7 @@ class QueryParam:
 
 @dataclasses.dataclass(frozen=True)
 class NamedQuery:
-    """One query in both dialects. ``{table}`` stands for the quoted table name."""
+    """One query in both dialects. ``{table}`` stands for the deduplicated rows (``latest_rows_sql``)."""
 
     name: str
     description: str
@@ -109,27 +127,42 @@ LIMIT 1""",
 _K = QueryParam("k", "int64", "How many neighbors to return.", default=10)
 _LIMIT = QueryParam("limit", "int64", "Maximum rows to return.", default=20)
 
+# Upper bounds keep one typo from asking an engine for a result or a
+# computation it cannot finish: near_duplicates does bands * band_bits
+# multiply-adds per row and dimension, and k / limit size the result.
+MAX_K = 10_000
+MAX_LIMIT = 1_000_000
+MAX_BANDS = 64
+MAX_BAND_BITS = 62  # Bucket keys are 64-bit integers: 1 << 62 is the largest safe bit.
+MAX_VECTOR_DIM = 65_536
+
+
+def _check_range(params: Mapping[str, Any], name: str, low: float, high: float, what: str = "") -> None:
+    """Refuses a value outside [low, high] (NaN included), quoting it."""
+    value = params[name]
+    if not low <= value <= high:
+        raise QueryError(f"{name} must be >= {low} and <= {high}{what}. Received `{name}={value}`")
+
 
 def _check_neighbors(params: Mapping[str, Any]) -> None:
     if bool(params.get("image_id")) == bool(params.get("vector")):
         raise QueryError("neighbors needs exactly one of --image_id or --vector")
-    if params["k"] < 1:
-        raise QueryError(f"k must be >= 1. Received `k={params['k']}`")
+    _check_range(params, "k", 1, MAX_K)
+    vector = params.get("vector") or []
+    if len(vector) > MAX_VECTOR_DIM or not all(math.isfinite(v) for v in vector):
+        raise QueryError(f"vector must hold at most {MAX_VECTOR_DIM} finite numbers. "
+                         f"Received `vector` with {len(vector)} values")
 
 
 def _check_limit(params: Mapping[str, Any]) -> None:
-    if params["limit"] < 0:
-        raise QueryError(f"limit must be >= 0. Received `limit={params['limit']}`")
+    _check_range(params, "limit", 0, MAX_LIMIT)
 
 
 def _check_near_duplicates(params: Mapping[str, Any]) -> None:
     _check_limit(params)
-    if not -1.0 <= params["threshold"] <= 1.0:
-        raise QueryError(f"threshold is a cosine similarity in [-1, 1]. Received `threshold={params['threshold']}`")
-    if params["bands"] < 1:
-        raise QueryError(f"bands must be >= 1. Received `bands={params['bands']}`")
-    if not 1 <= params["band_bits"] <= 62:
-        raise QueryError(f"band_bits must be in [1, 62]. Received `band_bits={params['band_bits']}`")
+    _check_range(params, "threshold", -1.0, 1.0, " (a cosine similarity)")
+    _check_range(params, "bands", 1, MAX_BANDS)
+    _check_range(params, "band_bits", 1, MAX_BAND_BITS)
 
 
 NEIGHBORS = NamedQuery(
@@ -420,6 +453,105 @@ NAMED_QUERIES: dict[str, NamedQuery] = {
 }
 
 
+# --------------------------------------------------------------------------- the table queries read
+
+TABLE_PLACEHOLDER = "{table}"
+RAW_TABLE_PLACEHOLDER = "{raw_table}"
+
+
+def latest_rows_sql(dialect: Dialect, raw_table_sql: str) -> str:
+    """The deduplicated embeddings relation, a subquery every named query reads as ``{table}``.
+
+    extract_embeddings appends by default, so a rerun writes each image's row
+    again. The rule: per ``(image_id, model_version)`` the row with the latest
+    ``created_at`` wins; ties fall to uri, label, split and then the embedding
+    as text, all descending, so the answer never depends on storage order.
+
+    Args:
+      dialect: ``bigquery`` or ``duckdb``.
+      raw_table_sql: The quoted table name.
+
+    Returns:
+      A parenthesized SELECT with exactly the embedding record's columns.
+    """
+    columns = ", ".join(EMBEDDING_RECORD.names)
+    embedding_text = f"TO_JSON_STRING({EMBEDDING})" if dialect == "bigquery" else f"CAST({EMBEDDING} AS VARCHAR)"
+    order = ", ".join([f"{CREATED_AT} DESC", *(f"{c} DESC NULLS LAST" for c in (URI, LABEL, SPLIT)),
+                       f"{embedding_text} DESC"])
+    return (
+        f"(SELECT {columns} FROM (SELECT {columns}, ROW_NUMBER() OVER "
+        f"(PARTITION BY {IMAGE_ID}, {MODEL_VERSION} ORDER BY {order}) AS _newest_first "
+        f"FROM {raw_table_sql}) WHERE _newest_first = 1)"
+    )
+
+
+def render_sql(sql: str, engine: SqlEngine) -> str:
+    """Replaces ``{raw_table}`` with the table as stored and ``{table}`` with its deduplicated rows."""
+    return sql.replace(RAW_TABLE_PLACEHOLDER, engine.raw_table_sql).replace(
+        TABLE_PLACEHOLDER, latest_rows_sql(engine.dialect, engine.raw_table_sql)
+    )
+
+
+# --------------------------------------------------------------------------- read-only checks
+
+_READ_ONLY_RULE = "--sql accepts exactly one SELECT (or WITH ... SELECT) statement"
+
+
+def _statement_preview(text: str) -> str:
+    words = " ".join(text.split())
+    return words if len(words) <= 60 else f"{words[:57]}..."
+
+
+def check_duckdb_select(sql: str) -> None:
+    """Refuses anything but exactly one SELECT statement, by DuckDB's own parser.
+
+    INSTALL and LOAD parse as LOAD statements, ``COPY``, ``ATTACH``, ``SET``,
+    ``PRAGMA``, ``CALL`` and ``EXPLAIN`` as their own types; each is refused by
+    name. A SELECT can still call file readers (``read_csv``): the connection's
+    configuration, not this check, refuses those (``DuckDBSqlEngine``).
+
+    Raises:
+      QueryError: A syntax error, no statement, several, or a non-SELECT one.
+    """
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as error:
+        raise QueryError(f"DuckDB: {error}") from error
+    if len(statements) != 1:
+        raise QueryError(f"{_READ_ONLY_RULE}; received {len(statements)} statements")
+    statement = statements[0]
+    if statement.type != duckdb.StatementType.SELECT:
+        raise QueryError(f"{_READ_ONLY_RULE}; refused {statement.type.name} statement "
+                         f"`{_statement_preview(statement.query)}`")
+
+
+def check_bigquery_select(sql: str) -> None:
+    """Refuses anything but exactly one query (SELECT, WITH, set operation), parsed by sqlglot.
+
+    The BigQuery dry run checks again (``BigQuerySqlEngine.check_read_only``);
+    this parse is what refuses where no dry run is available, and it keeps
+    scripts (``BEGIN ... END``, ``DECLARE``, ``EXECUTE IMMEDIATE``) away from it.
+
+    Raises:
+      QueryError: A syntax error, no statement, several, or a non-query one.
+    """
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        statements = [s for s in sqlglot.parse(sql, read="bigquery") if s is not None]
+    except sqlglot.errors.ParseError as error:
+        raise QueryError(f"BigQuery SQL: {str(error).splitlines()[0]}") from error
+    if len(statements) != 1:
+        raise QueryError(f"{_READ_ONLY_RULE}; received {len(statements)} statements")
+    statement = statements[0]
+    if not isinstance(statement, exp.Query):
+        kind = statement.key.upper() if not isinstance(statement, exp.Command) else str(statement.this).upper()
+        raise QueryError(f"{_READ_ONLY_RULE}; refused {kind} statement `{_statement_preview(statement.sql())}`")
+
+
 # --------------------------------------------------------------------------- engines
 
 
@@ -427,7 +559,9 @@ class SqlEngine(Protocol):
     """Runs SQL with bound parameters against one warehouse table."""
 
     dialect: Dialect
-    table_sql: str  # The table name, quoted for this dialect.
+    raw_table_sql: str  # The table name as stored, quoted for this dialect.
+
+    def check_read_only(self, sql: str) -> None: ...
 
     def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult: ...
 
@@ -445,37 +579,68 @@ def _normalize(value: Any) -> Any:
     return value
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# A query may read the table and nothing else: no file, URL or other
+# database (enable_external_access covers read_csv, COPY, ATTACH, INSTALL),
+# no extension loaded behind its back; lock_configuration (set once the
+# table is in place) stops SET from undoing any of it.
+_NO_EXTENSIONS = {"autoload_known_extensions": False, "autoinstall_known_extensions": False}
+
+
 class DuckDBSqlEngine:
-    """A DuckDB file (opened read-only) or Parquet files exposed as a view."""
+    """A DuckDB file (opened read-only) or Parquet files loaded into memory, locked down.
+
+    With external access disabled DuckDB reads no file at all, its own
+    Parquet files included, so a ``parquet:`` table is loaded first (local
+    files by DuckDB's reader, gs:// ones through Beam's FileSystems), then
+    access is cut and the configuration locked.
+    """
 
     dialect: Dialect = "duckdb"
 
     def __init__(self, warehouse: WarehouseUri):
         import duckdb
 
-        self.table_sql = f'"{warehouse.table}"'
+        self.raw_table_sql = f'"{warehouse.table}"'
         if warehouse.kind == "duckdb":
             try:
-                self._connection = duckdb.connect(warehouse.location, read_only=True)
+                self._connection = duckdb.connect(warehouse.location, read_only=True,
+                                                  config={"enable_external_access": False, **_NO_EXTENSIONS})
             except duckdb.Error as error:
-                raise QueryError(f"cannot open DuckDB warehouse {warehouse.location}: {error}") from error
+                raise QueryError(f"cannot open DuckDB warehouse {warehouse.location}: {_first_line(error)}") from error
         else:
-            self._connection = duckdb.connect()
-            self._register_parquet(warehouse)
+            self._connection = duckdb.connect(config=dict(_NO_EXTENSIONS))
+            self._load_parquet(warehouse)
+            self._connection.execute("SET enable_external_access = false")
         self._connection.execute("SET TimeZone = 'UTC'")
+        self._connection.execute("SET lock_configuration = true")
+        exists = self._connection.execute(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = $table", {"table": warehouse.table}
+        ).fetchall()[0][0]
+        if not exists:
+            self._connection.close()
+            raise QueryError(f"warehouse {warehouse} has no table {warehouse.table!r}")
 
-    def _register_parquet(self, warehouse: WarehouseUri) -> None:
-        """Local files are scanned lazily; other filesystems (gs://) are read through Beam's FileSystems."""
+    def _load_parquet(self, warehouse: WarehouseUri) -> None:
+        from apache_beam.io.filesystem import BeamIOError
         from apache_beam.io.filesystems import FileSystems
 
         from transforms.warehouse import parquet_table_glob
 
         pattern = parquet_table_glob(warehouse)
-        paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        try:
+            paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        except (BeamIOError, OSError, ValueError) as error:  # ValueError: a scheme Beam has no filesystem for.
+            raise QueryError(f"cannot list Parquet warehouse {pattern}: {_first_line(error)}") from error
         if not paths:
             raise QueryError(f"no Parquet files match {pattern}")
         if "://" not in warehouse.location:
-            self._connection.read_parquet(paths).create_view(warehouse.table)
+            self._connection.execute(
+                f"CREATE TABLE {self.raw_table_sql} AS SELECT * FROM read_parquet($paths)", {"paths": paths}
+            )
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -485,6 +650,9 @@ class DuckDBSqlEngine:
             with FileSystems.open(path) as handle:
                 tables.append(pq.read_table(pa.BufferReader(handle.read())))
         self._connection.register(warehouse.table, pa.concat_tables(tables))
+
+    def check_read_only(self, sql: str) -> None:
+        check_duckdb_select(sql)
 
     def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult:
         import duckdb
@@ -504,33 +672,77 @@ class DuckDBSqlEngine:
 
 
 _BIGQUERY_TYPES = {"string": "STRING", "int64": "INT64", "float64": "FLOAT64"}
+DEFAULT_MAXIMUM_BYTES_BILLED = 10 * 1024**3  # 10 GiB: a large embeddings table, well under a costly mistake.
 
 
 class BigQuerySqlEngine:
-    """A BigQuery table, queried through google-cloud-bigquery with query parameters."""
+    """A BigQuery table, queried through google-cloud-bigquery with query parameters.
+
+    Every query runs with ``maximum_bytes_billed``, so BigQuery refuses one
+    that would scan more instead of billing it.
+    """
 
     dialect: Dialect = "bigquery"
 
-    def __init__(self, warehouse: WarehouseUri):
+    def __init__(self, warehouse: WarehouseUri, *, maximum_bytes_billed: int = DEFAULT_MAXIMUM_BYTES_BILLED):
+        from google.auth import exceptions as auth_exceptions
         from google.cloud import bigquery
 
         self._bigquery = bigquery
-        self._client = bigquery.Client(project=warehouse.bigquery_project)
-        self.table_sql = f"`{warehouse.location}`"
+        self._maximum_bytes_billed = maximum_bytes_billed
+        try:
+            self._client = bigquery.Client(project=warehouse.bigquery_project)
+        except auth_exceptions.GoogleAuthError as error:
+            raise QueryError(f"BigQuery: no credentials: {_first_line(error)}") from error
+        self.raw_table_sql = f"`{warehouse.location}`"
 
     def _parameter(self, param: QueryParam, value: Any) -> Any:
         if param.kind == "float64_array":
             return self._bigquery.ArrayQueryParameter(param.name, "FLOAT64", [float(v) for v in value])
         return self._bigquery.ScalarQueryParameter(param.name, _BIGQUERY_TYPES[param.kind], value)
 
-    def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult:
+    def _query(self, sql: str, config: Any) -> Any:
+        """Starts a query job, turning API and auth failures (NotFound, Forbidden, ...) into one-line QueryErrors."""
         from google.api_core import exceptions
+        from google.auth import exceptions as auth_exceptions
 
-        config = self._bigquery.QueryJobConfig(query_parameters=[self._parameter(p, v) for p, v in params])
         try:
-            result = self._client.query(sql, job_config=config).result()
-        except exceptions.BadRequest as error:
-            raise QueryError(f"BigQuery: {error.message}") from error
+            job = self._client.query(sql, job_config=config)
+            return job if config.dry_run else job.result()
+        except exceptions.GoogleAPICallError as error:
+            # errors[0] holds BigQuery's own reason; error.message may lead with the request URL.
+            detail = (error.errors[0].get("message") if error.errors else None) or error.message or str(error)
+            raise QueryError(f"BigQuery: {type(error).__name__} ({error.code}): {_first_line(detail)}") from error
+        except auth_exceptions.GoogleAuthError as error:
+            raise QueryError(f"BigQuery: credentials refused: {_first_line(error)}") from error
+
+    def check_read_only(self, sql: str) -> None:
+        """Parses (``check_bigquery_select``), then dry-runs (``check_dry_run``)."""
+        check_bigquery_select(sql)
+        self.check_dry_run(sql)
+
+    def check_dry_run(self, sql: str) -> None:
+        """Dry-runs a query: BigQuery's own statement type must be SELECT, its bytes within the limit.
+
+        A dry run plans the query and runs nothing (it is free).
+
+        Raises:
+          QueryError: Another statement type, too many bytes, or an API error.
+        """
+        job = self._query(sql, self._bigquery.QueryJobConfig(dry_run=True, use_query_cache=False))
+        if job.statement_type != "SELECT":
+            raise QueryError(f"{_READ_ONLY_RULE}; refused {job.statement_type} statement (BigQuery dry run)")
+        if job.total_bytes_processed and job.total_bytes_processed > self._maximum_bytes_billed:
+            raise QueryError(f"the query would process {job.total_bytes_processed} bytes, more than "
+                             f"--maximum_bytes_billed {self._maximum_bytes_billed}")
+
+    def job_config(self, params: Sequence[tuple[QueryParam, Any]]) -> Any:
+        """The ``QueryJobConfig`` of a real (not dry) query: bound parameters and the byte limit."""
+        return self._bigquery.QueryJobConfig(query_parameters=[self._parameter(p, v) for p, v in params],
+                                             maximum_bytes_billed=self._maximum_bytes_billed)
+
+    def execute(self, sql: str, params: Sequence[tuple[QueryParam, Any]]) -> QueryResult:
+        result = self._query(sql, self.job_config(params))
         columns = [field.name for field in result.schema]
         return QueryResult(columns, [tuple(_normalize(v) for v in row.values()) for row in result])
 
@@ -538,11 +750,22 @@ class BigQuerySqlEngine:
         self._client.close()
 
 
-def open_engine(warehouse_uri: str) -> SqlEngine:
-    """Opens the engine that reads a warehouse URI's embeddings table (``schemas.warehouse``)."""
-    warehouse = parse_warehouse_uri(warehouse_uri, EMBEDDINGS_TABLE.default_table)
+def open_engine(warehouse_uri: str, *, maximum_bytes_billed: int = DEFAULT_MAXIMUM_BYTES_BILLED) -> SqlEngine:
+    """Opens the engine that reads a warehouse URI's embeddings table (``schemas.warehouse``).
+
+    Args:
+      warehouse_uri: ``bigquery:...``, ``duckdb:...`` or ``parquet:...``.
+      maximum_bytes_billed: BigQuery's per-query byte limit (ignored elsewhere).
+
+    Raises:
+      QueryError: A malformed URI, or a warehouse that cannot be opened.
+    """
+    try:
+        warehouse = parse_warehouse_uri(warehouse_uri, EMBEDDINGS_TABLE.default_table)
+    except ValueError as error:
+        raise QueryError(str(error)) from error
     if warehouse.kind == "bigquery":
-        return BigQuerySqlEngine(warehouse)
+        return BigQuerySqlEngine(warehouse, maximum_bytes_billed=maximum_bytes_billed)
     return DuckDBSqlEngine(warehouse)
 
 
@@ -568,35 +791,47 @@ def _coerce(param: QueryParam, value: Any) -> Any:
 _MODEL_VERSION = QueryParam(MODEL_VERSION_PARAM, "string", "The model_version to read (default: the newest).")
 
 
-def bind_params(query: NamedQuery, given: Mapping[str, Any]) -> list[tuple[QueryParam, Any]]:
-    """Checks and types a named query's parameters, filling defaults.
+def check_params(query: NamedQuery, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Types a named query's parameters, fills defaults and checks their bounds, before any query runs.
 
     Args:
       query: The query.
       given: Parameter values by name (None = not given); ``model_version``
-        must already be resolved for version-scoped queries.
+        may be absent (it then means the newest).
+
+    Returns:
+      Typed values by name, None for optional parameters not given.
 
     Raises:
-      QueryError: Unknown parameter, wrong type, or the query's own check fails.
+      QueryError: Unknown parameter, wrong type, or a value out of bounds.
     """
     known = {p.name for p in query.params} | ({MODEL_VERSION_PARAM} if query.by_model_version else set())
     unknown = sorted(name for name, value in given.items() if value is not None and name not in known)
     if unknown:
         raise QueryError(f"{query.name} takes {sorted(known) or 'no parameters'}; received {unknown}")
     values: dict[str, Any] = {}
-    bound: list[tuple[QueryParam, Any]] = []
-    params = query.params + ((_MODEL_VERSION,) if query.by_model_version else ())
-    for param in params:
+    for param in _all_params(query):
         value = given.get(param.name)
         if value is None:
             value = param.default
         values[param.name] = None if value is None else _coerce(param, value)
     if query.check is not None:
         query.check(values)
-    for param in params:
-        value = values[param.name]
-        bound.append((param, param.absent if value is None else value))
-    return bound
+    return values
+
+
+def _all_params(query: NamedQuery) -> tuple[QueryParam, ...]:
+    return query.params + ((_MODEL_VERSION,) if query.by_model_version else ())
+
+
+def bind_params(query: NamedQuery, given: Mapping[str, Any]) -> list[tuple[QueryParam, Any]]:
+    """Checks a named query's parameters (``check_params``) and pairs each with its bound value.
+
+    ``model_version`` must already be resolved for version-scoped queries.
+    """
+    values = check_params(query, given)
+    return [(param, param.absent if values[param.name] is None else values[param.name])
+            for param in _all_params(query)]
 
 
 def newest_model_version(engine: SqlEngine) -> str:
@@ -605,14 +840,14 @@ def newest_model_version(engine: SqlEngine) -> str:
     Raises:
       QueryError: The table has no rows.
     """
-    result = engine.execute(_NEWEST_MODEL_VERSION.sql(engine.dialect).format(table=engine.table_sql), [])
+    result = engine.execute(render_sql(_NEWEST_MODEL_VERSION.sql(engine.dialect), engine), [])
     if not result.rows:
         raise QueryError("the embeddings table is empty: no model_version to query")
     return str(result.rows[0][0])
 
 
 def run_named_query(engine: SqlEngine, name: str, params: Mapping[str, Any] | None = None) -> QueryResult:
-    """Runs a named query with bound parameters.
+    """Runs a named query with bound parameters on the deduplicated rows (``latest_rows_sql``).
 
     Args:
       engine: From ``open_engine``.
@@ -624,21 +859,31 @@ def run_named_query(engine: SqlEngine, name: str, params: Mapping[str, Any] | No
       The rows, with the model_version that was queried.
 
     Raises:
-      QueryError: Unknown query or bad parameters.
+      QueryError: Unknown query or bad parameters (checked before any query runs).
     """
     if name not in NAMED_QUERIES:
         raise QueryError(f"unknown query {name!r}; named queries are {sorted(NAMED_QUERIES)}")
     query = NAMED_QUERIES[name]
     given = dict(params or {})
+    check_params(query, given)
     model_version = None
     if query.by_model_version:
         model_version = given.get(MODEL_VERSION_PARAM) or newest_model_version(engine)
         given[MODEL_VERSION_PARAM] = model_version
     bound = bind_params(query, given)
-    result = engine.execute(query.sql(engine.dialect).format(table=engine.table_sql), bound)
+    result = engine.execute(render_sql(query.sql(engine.dialect), engine), bound)
     return dataclasses.replace(result, model_version=model_version)
 
 
 def run_sql(engine: SqlEngine, sql: str) -> QueryResult:
-    """Runs the user's own SQL; ``{table}`` in it stands for the embeddings table."""
-    return engine.execute(sql.replace("{table}", engine.table_sql), [])
+    """Runs the user's own SQL, read-only.
+
+    ``{table}`` stands for the deduplicated rows every named query reads,
+    ``{raw_table}`` for the table as stored (every appended row).
+
+    Raises:
+      QueryError: Not exactly one SELECT statement, or the engine refused it.
+    """
+    rendered = render_sql(sql, engine)
+    engine.check_read_only(rendered)
+    return engine.execute(rendered, [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import pytest
 
@@ -101,3 +102,108 @@ def test_run_returns_rows_of_the_newest_version_by_default(embedding_warehouses:
     assert [r["model_version"] for r in result.records()] == [wh.V2, wh.V1]
     result = sql_job.run(["--warehouse", embedding_warehouses.bigquery, "--query", "stats"])
     assert result.model_version == wh.V2
+
+
+def _assert_one_line_error(code: int, out: str, err: str, message: str) -> None:
+    assert code == 2 and out == "", err
+    assert message in err and err.startswith("vision-pipelines sql: error: "), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "warehouse,message",
+    [
+        ("bq:my-project.vision.embeddings", "warehouse URIs look like"),
+        ("bigquery:my-project.vision", "expected bigquery:PROJECT.DATASET.TABLE"),
+        ("duckdb:", "needs a path"),
+        ("parquet:/tmp/x#bad;name", "table names are letters"),
+        ("duckdb:{tmp}/absent.duckdb", "cannot open DuckDB warehouse"),
+        ("duckdb:{tmp}/not_duckdb.duckdb", "cannot open DuckDB warehouse"),
+        ("parquet:{tmp}/absent_dir", "no Parquet files match"),
+    ],
+)
+def test_bad_or_missing_warehouses_end_with_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path,
+                                                                warehouse: str, message: str) -> None:
+    (tmp_path / "not_duckdb.duckdb").write_text("not a database")
+    code, out, err = _run_cli(capsys, ["--warehouse", warehouse.format(tmp=tmp_path), "--query", "versions"])
+    _assert_one_line_error(code, out, err, message)
+
+
+def test_a_duckdb_file_without_the_table_is_a_one_line_error(capsys: pytest.CaptureFixture[str],
+                                                             embedding_warehouses: wh.EmbeddingWarehouses) -> None:
+    code, out, err = _run_cli(capsys, ["--warehouse", f"{embedding_warehouses.duckdb}#other_table", "--query",
+                                       "versions"])
+    _assert_one_line_error(code, out, err, "has no table 'other_table'")
+
+
+def test_bigquery_not_found_is_a_one_line_error(capsys: pytest.CaptureFixture[str],
+                                                embedding_warehouses: wh.EmbeddingWarehouses,
+                                                bigquery_emulator) -> None:
+    dataset = embedding_warehouses.bigquery.removeprefix("bigquery:").rsplit(".", 1)[0]
+    for warehouse in (f"bigquery:{bigquery_emulator.project}.no_such_dataset.embeddings",
+                      f"bigquery:{dataset}.no_such_table"):
+        for argv in (["--query", "stats"], ["--sql", "SELECT COUNT(*) AS n FROM {table}"]):
+            code, out, err = _run_cli(capsys, ["--warehouse", warehouse, *argv])
+            _assert_one_line_error(code, out, err, "BigQuery: NotFound (404): Not found")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--query", "near_duplicates", "--bands", "65"], "bands must be >= 1 and <= 64. Received `bands=65`"),
+        (["--query", "near_duplicates", "--bands", "0"], "Received `bands=0`"),
+        (["--query", "near_duplicates", "--band_bits", "63"], "Received `band_bits=63`"),
+        (["--query", "near_duplicates", "--threshold", "nan"], "Received `threshold=nan`"),
+        (["--query", "near_duplicates", "--threshold", "1.5"], "Received `threshold=1.5`"),
+        (["--query", "near_duplicates", "--limit", "1000001"], "Received `limit=1000001`"),
+        (["--query", "label_outliers", "--limit", "-1"], "Received `limit=-1`"),
+        (["--query", "neighbors", "--image_id", "a", "--k", "10001"], "k must be >= 1 and <= 10000"),
+        (["--query", "neighbors", "--image_id", "a", "--k", "0"], "Received `k=0`"),
+        (["--query", "neighbors", "--vector", "1,nan"], "finite numbers"),
+        (["--query", "versions", "--maximum_bytes_billed", "0"], "Received `maximum_bytes_billed=0`"),
+    ],
+)
+def test_out_of_bounds_parameters_fail_before_the_warehouse_is_opened(
+    capsys: pytest.CaptureFixture[str], tmp_path, argv: list[str], message: str
+) -> None:
+    # The warehouse does not exist: the parameter is refused first, so no query ever ran.
+    code, out, err = _run_cli(capsys, ["--warehouse", f"duckdb:{tmp_path / 'absent.duckdb'}", *argv])
+    _assert_one_line_error(code, out, err, message)
+    assert not (tmp_path / "absent.duckdb").exists()
+
+
+@pytest.mark.parametrize(
+    "sql,message",
+    [
+        ("ATTACH '{tmp}/other.duckdb' AS other (READ_WRITE); DROP TABLE embeddings", "received 2 statements"),
+        ("ATTACH '{tmp}/other.duckdb' AS other", "refused ATTACH statement"),
+        ("COPY (SELECT * FROM {{table}}) TO '{tmp}/out.csv'", "refused COPY statement"),
+        ("SELECT * FROM read_csv('{tmp}/secret.csv')", "disabled by configuration"),
+        ("INSTALL httpfs", "refused LOAD statement `INSTALL httpfs`"),
+        ("LOAD httpfs", "refused LOAD statement `LOAD httpfs`"),
+        ("SET threads = 1", "refused SET statement"),
+        ("DROP TABLE embeddings", "refused DROP statement"),
+    ],
+)
+def test_sql_escapes_are_refused_on_duckdb(capsys: pytest.CaptureFixture[str], tmp_path,
+                                           embedding_warehouses: wh.EmbeddingWarehouses, sql: str,
+                                           message: str) -> None:
+    (tmp_path / "secret.csv").write_text("password\nhunter2\n")
+    code, out, err = _run_cli(capsys, ["--warehouse", embedding_warehouses.duckdb,
+                                       "--sql", sql.format(tmp=tmp_path)])
+    assert code == 2 and out == "" and message in err and "hunter2" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["secret.csv"]
+    code, out, _ = _run_cli(capsys, ["--warehouse", embedding_warehouses.duckdb, "--sql",
+                                     "SELECT COUNT(*) AS n FROM {raw_table}", "--format", "json"])
+    assert code == 0 and json.loads(out) == [{"n": sum(len(r) for r in embedding_warehouses.rows.values())}]
+
+
+def test_a_non_select_is_refused_on_bigquery(capsys: pytest.CaptureFixture[str],
+                                             embedding_warehouses: wh.EmbeddingWarehouses) -> None:
+    total = sum(len(r) for r in embedding_warehouses.rows.values())
+    for sql in ("DELETE FROM {raw_table} WHERE TRUE", "DROP TABLE {raw_table}"):
+        code, out, err = _run_cli(capsys, ["--warehouse", embedding_warehouses.bigquery, "--sql", sql])
+        _assert_one_line_error(code, out, err, "accepts exactly one SELECT")
+    code, out, _ = _run_cli(capsys, ["--warehouse", embedding_warehouses.bigquery, "--sql",
+                                     "SELECT COUNT(*) AS n FROM {raw_table}", "--format", "json"])
+    assert code == 0 and json.loads(out) == [{"n": total}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any, Iterator
 
@@ -224,3 +225,87 @@ def test_every_declared_parameter_is_bound_in_both_dialects() -> None:
             assert f"@{name}" in query.bigquery, (query.name, name)
             assert f"${name}" in query.duckdb, (query.name, name)
         assert "{table}" in query.bigquery and "{table}" in query.duckdb
+
+
+# --------------------------------------------------------------------------- reruns: newest row wins
+
+RERUN_VERSION = "rerun-v1"
+RERUN_RELABELED = ("digit-0004", "digit-0009")
+RERUN_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("versions", {}),
+    ("stats", {}),
+    ("neighbors", {"image_id": "digit-0003", "k": 8}),
+    ("neighbors", {"vector": ",".join(["0.25"] * 16), "k": 5}),
+    ("label_centroids", {}),
+    ("label_outliers", {"limit": 50}),
+    ("near_duplicates", {"threshold": 0.5, "limit": 500}),
+]
+
+
+@pytest.fixture(scope="module")
+def rerun_warehouses(tmp_path_factory: pytest.TempPathFactory,
+                     bigquery_emulator: Any) -> Iterator[dict[str, dict[str, str]]]:
+    """Per warehouse kind: ``twice`` got a first run, then a rerun; ``once`` got only the rerun.
+
+    The rerun has the same images with a later created_at, two of them relabeled, so only the
+    newest-row-wins rule makes ``twice`` answer like ``once``.
+    """
+    first_created = wh.V1_CREATED_AT
+    first = wh.digits_embedding_rows(RERUN_VERSION, count=60, method="pca", created_at=first_created)
+    rerun = [{**row, "created_at": first_created + datetime.timedelta(days=1),
+              "label": "9" if row["image_id"] in RERUN_RELABELED else row["label"]} for row in first]
+    root = tmp_path_factory.mktemp("rerun")
+    bucket = bigquery_emulator.gcs.create_bucket()
+    bigquery_args = [f"--temp_location=gs://{bucket}/tmp", f"--project={bigquery_emulator.project}"]
+    uris: dict[str, dict[str, str]] = {}
+    for label in ("twice", "once"):
+        uris[label] = {
+            "duckdb": f"duckdb:{root / label}.duckdb",
+            "parquet": f"parquet:{root / label}",
+            "bigquery": f"bigquery:{bigquery_emulator.create_dataset()}.embeddings",
+        }
+    for kind in ("duckdb", "parquet", "bigquery"):
+        args = bigquery_args if kind == "bigquery" else []
+        wh.write_rows(first, uris["twice"][kind], args)
+        wh.write_rows(rerun, uris["twice"][kind], args)
+        wh.write_rows(rerun, uris["once"][kind], args)
+    yield uris
+
+
+def test_a_rerun_gives_every_named_query_the_answer_of_one_run(rerun_warehouses: dict[str, dict[str, str]]) -> None:
+    for kind in ("duckdb", "parquet", "bigquery"):
+        twice, once = sq.open_engine(rerun_warehouses["twice"][kind]), sq.open_engine(rerun_warehouses["once"][kind])
+        try:
+            assert sq.run_sql(twice, "SELECT COUNT(*) AS n FROM {raw_table}").rows == [(120,)], kind
+            assert sq.run_sql(twice, "SELECT COUNT(*) AS n FROM {table}").rows == [(60,)], kind
+            for name, params in RERUN_CASES:
+                got, want = sq.run_named_query(twice, name, params), sq.run_named_query(once, name, params)
+                assert want.rows, f"{kind} {name} returned nothing; the comparison would be empty"
+                assert got.columns == want.columns and len(got.rows) == len(want.rows), (kind, name)
+                for i, (row, expected) in enumerate(zip(got.rows, want.rows)):
+                    for column, x, y in zip(got.columns, row, expected):
+                        _assert_same(x, y, f"{kind} {name} row {i} {column}")
+            stats = sq.run_named_query(twice, "stats").records()
+            assert sum(r["row_count"] for r in stats) == 60, kind
+            centroids = {r["label"]: r["images"] for r in sq.run_named_query(twice, "label_centroids").records()}
+            assert centroids == {r["label"]: r["images"] for r in sq.run_named_query(once, "label_centroids").records()}
+        finally:
+            twice.close()
+            once.close()
+
+
+def test_ties_on_created_at_are_broken_the_same_way_every_time(tmp_path) -> None:
+    created = wh.V1_CREATED_AT
+    rows = wh.digits_embedding_rows(RERUN_VERSION, count=4, method="pixels", created_at=created)
+    tied = [{**row, "label": "x"} for row in rows]  # Same key, same created_at, different label.
+    uri_a, uri_b = f"duckdb:{tmp_path / 'a.duckdb'}", f"duckdb:{tmp_path / 'b.duckdb'}"
+    wh.write_rows(rows + tied, uri_a)
+    wh.write_rows(tied + rows, uri_b)
+    answers = []
+    for uri in (uri_a, uri_b):
+        engine = sq.open_engine(uri)
+        try:
+            answers.append(sq.run_sql(engine, "SELECT image_id, label FROM {table} ORDER BY image_id").rows)
+        finally:
+            engine.close()
+    assert answers[0] == answers[1] and {label for _, label in answers[0]} == {"x"}  # label DESC: 'x' > digits.
