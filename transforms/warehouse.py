@@ -14,11 +14,20 @@ batch_predict reuses ``WriteToWarehouse`` with the prediction record.
   and clustering of the ``TableSpec``.
 - ``parquet:DIR``: Parquet shards ``DIR/TABLE/part-<run>-SSSSS-of-NNNNN.parquet``
   with the record's Arrow schema; a new run adds files (append) or, once its
-  own files are written, deletes the table's older files (truncate).
+  own files are written, deletes the table files that existed when its
+  pipeline was built (truncate). Files a concurrent writer adds meanwhile
+  are never deleted.
 - ``duckdb:PATH``: DuckDB files allow one writer at a time, so parallel
   workers never touch the database: they write Parquet shards to a staging
   directory beside it, and one final step, which receives the list of all
   shards, loads them into the table in a single transaction and removes them.
+  While another process holds the file (an open ``sql`` session, another
+  load) that step waits, up to ``duckdb_lock_timeout_s``; if the lock never
+  comes it removes the run's staged shards and fails with
+  ``WarehouseLockedError``.
+
+Appending the same images again (a rerun) adds rows; readers see the newest
+row per ``(image_id, model_version)`` (``transforms.sql_queries.latest_rows_sql``).
 """
 
 from __future__ import annotations
@@ -44,6 +53,13 @@ _LOGGER = logging.getLogger(__name__)
 
 PARQUET_SUFFIX = ".parquet"
 STAGING_SUFFIX = ".staging"
+DEFAULT_DUCKDB_LOCK_TIMEOUT_S = 120.0  # Long enough for an interactive sql session to finish its query.
+_LOCK_RETRY_FIRST_S = 0.1
+_LOCK_RETRY_MAX_S = 5.0
+
+
+class WarehouseLockedError(RuntimeError):
+    """The DuckDB warehouse file stayed locked by another process for the whole wait."""
 
 
 def parquet_table_dir(warehouse: WarehouseUri) -> str:
@@ -129,24 +145,86 @@ class CheckRowsFn(beam.DoFn):
         yield check_row(row, self._record)
 
 
-class DeleteStaleFilesFn(beam.DoFn):
-    """For truncate: after a run's files are written, deletes every other file of the table."""
+def list_table_files(table_glob: str) -> list[str]:
+    """The files a table glob matches now (none when its directory does not exist yet)."""
+    return sorted(m.path for m in FileSystems.match([table_glob])[0].metadata_list)
 
-    def __init__(self, table_glob: str):
+
+class DeleteStaleFilesFn(beam.DoFn):
+    """For truncate: after a run's files are written, deletes the table files that predate the run.
+
+    ``snapshot`` is the table's file list taken when the pipeline was built.
+    Only those files are deleted (the ones still there: a concurrent
+    truncate may have removed some), so shards a concurrent writer added
+    after that moment survive; re-listing the table at this point would
+    delete them.
+    """
+
+    def __init__(self, table_glob: str, snapshot: list[str]):
         self._table_glob = table_glob
+        self._snapshot = sorted(snapshot)
 
     def process(self, written: list[str]) -> Iterable[str]:
         keep = {os.path.basename(path) for path in written}
-        matches = FileSystems.match([self._table_glob])[0].metadata_list
-        stale = [m.path for m in matches if os.path.basename(m.path) not in keep]
+        present = {os.path.basename(path) for path in list_table_files(self._table_glob)}
+        stale = [path for path in self._snapshot
+                 if os.path.basename(path) in present and os.path.basename(path) not in keep]
         if stale:
             FileSystems.delete(stale)
-        _LOGGER.info("Truncated %s: removed %d older files", self._table_glob, len(stale))
-        yield from sorted(stale)
+        _LOGGER.info("Truncated %s: removed %d files older than this run", self._table_glob, len(stale))
+        yield from stale
+
+
+def _is_lock_conflict(error: Exception) -> bool:
+    # DuckDB reports another process's lock as an IOException "Could not set
+    # lock on file ...: Conflicting lock is held ..."; it has no own type.
+    return "lock" in str(error).lower()
+
+
+def connect_waiting_for_lock(database: str, timeout_s: float) -> Any:
+    """Opens a DuckDB file for writing, retrying with backoff while another process holds its lock.
+
+    Args:
+      database: DuckDB file path (created if missing).
+      timeout_s: How long to keep trying; 0 tries once.
+
+    Returns:
+      A read-write ``duckdb`` connection.
+
+    Raises:
+      WarehouseLockedError: Still locked after ``timeout_s``; the message
+        says how long it waited.
+      duckdb.Error: Any other failure to open the file.
+    """
+    import duckdb
+
+    started = time.monotonic()
+    delay = _LOCK_RETRY_FIRST_S
+    while True:
+        try:
+            return duckdb.connect(database)
+        except duckdb.IOException as error:
+            if not _is_lock_conflict(error):
+                raise
+            waited = time.monotonic() - started
+            if waited >= timeout_s:
+                reason = str(error).strip().splitlines()[0]
+                raise WarehouseLockedError(
+                    f"DuckDB warehouse {database} was locked by another process (an open `vision-pipelines sql` "
+                    f"session or another load?); waited {waited:.1f} s (limit {timeout_s:g} s). {reason}"
+                ) from error
+            _LOGGER.info("DuckDB warehouse %s is locked; retrying in %.1f s", database, delay)
+            time.sleep(min(delay, timeout_s - waited))
+            delay = min(2 * delay, _LOCK_RETRY_MAX_S)
 
 
 def load_parquet_into_duckdb(
-    database: str, table: str, files: list[str], write_disposition: WriteDisposition
+    database: str,
+    table: str,
+    files: list[str],
+    write_disposition: WriteDisposition,
+    *,
+    lock_timeout_s: float = DEFAULT_DUCKDB_LOCK_TIMEOUT_S,
 ) -> int:
     """Loads Parquet files into a DuckDB table in one transaction.
 
@@ -156,15 +234,17 @@ def load_parquet_into_duckdb(
       files: Parquet files with the table's schema.
       write_disposition: ``append`` adds rows (creating the table if needed);
         ``truncate`` replaces the table's contents.
+      lock_timeout_s: How long to wait for another process's lock on the file.
 
     Returns:
       Number of rows loaded.
-    """
-    import duckdb
 
+    Raises:
+      WarehouseLockedError: The file stayed locked for ``lock_timeout_s``.
+    """
     directory = os.path.dirname(os.path.abspath(database))
     os.makedirs(directory, exist_ok=True)
-    connection = duckdb.connect(database)
+    connection = connect_waiting_for_lock(database, lock_timeout_s)
     files = sorted(files)
     try:
         connection.begin()
@@ -190,20 +270,36 @@ def load_parquet_into_duckdb(
 
 
 class LoadIntoDuckDBFn(beam.DoFn):
-    """Loads the staged Parquet shards of one run into the DuckDB table, then removes them.
+    """Loads the staged Parquet shards of one run into the DuckDB table, then removes the run's staging.
 
     Receives one element, the list of every shard, so exactly one worker
-    opens the database file however many wrote shards.
+    opens the database file however many wrote shards. The run's staging
+    directory goes whether the load succeeds or fails (a lock that never
+    came, a bad shard), so no failed run leaves shards behind.
     """
 
-    def __init__(self, database: str, table: str, write_disposition: WriteDisposition):
+    def __init__(
+        self,
+        database: str,
+        table: str,
+        write_disposition: WriteDisposition,
+        *,
+        staging_dir: str,
+        lock_timeout_s: float = DEFAULT_DUCKDB_LOCK_TIMEOUT_S,
+    ):
         self._database = database
         self._table = table
         self._write_disposition = write_disposition
+        self._staging_dir = staging_dir
+        self._lock_timeout_s = lock_timeout_s
 
     def process(self, files: list[str]) -> Iterable[int]:
-        loaded = load_parquet_into_duckdb(self._database, self._table, files, self._write_disposition)
-        FileSystems.delete(sorted(files))
+        try:
+            loaded = load_parquet_into_duckdb(self._database, self._table, files, self._write_disposition,
+                                              lock_timeout_s=self._lock_timeout_s)
+        finally:
+            if FileSystems.exists(self._staging_dir):
+                FileSystems.delete([self._staging_dir])
         _LOGGER.info("Loaded %d rows from %d shards into %s table %s", loaded, len(files), self._database, self._table)
         yield loaded
 
@@ -221,14 +317,31 @@ class WriteToWarehouse(beam.PTransform):
         table_spec: TableSpec,
         *,
         write_disposition: WriteDisposition = "append",
+        duckdb_lock_timeout_s: float = DEFAULT_DUCKDB_LOCK_TIMEOUT_S,
     ):
+        """Checks the arguments; nothing is written until the pipeline runs.
+
+        Args:
+          warehouse_uri: ``bigquery:``, ``duckdb:`` or ``parquet:`` URI.
+          table_spec: The record and its table layout.
+          write_disposition: ``append`` or ``truncate``.
+          duckdb_lock_timeout_s: ``duckdb:`` only: how long the final load
+            waits for another process to release the file.
+
+        Raises:
+          ValueError: Unknown disposition, negative timeout or a bad URI.
+        """
         super().__init__()
         if write_disposition not in WRITE_DISPOSITIONS:
             raise ValueError(f"write_disposition must be one of {WRITE_DISPOSITIONS}. "
                              f"Received `write_disposition={write_disposition}`")
+        if not 0 <= duckdb_lock_timeout_s <= 24 * 3600:
+            raise ValueError(f"duckdb_lock_timeout_s must be >= 0 and <= 86400. "
+                             f"Received `duckdb_lock_timeout_s={duckdb_lock_timeout_s}`")
         self._warehouse = parse_warehouse_uri(warehouse_uri, table_spec.default_table)
         self._spec = table_spec
         self._write_disposition = write_disposition
+        self._duckdb_lock_timeout_s = duckdb_lock_timeout_s
 
     @property
     def warehouse(self) -> WarehouseUri:
@@ -249,20 +362,23 @@ class WriteToWarehouse(beam.PTransform):
                 FileSystems.join(parquet_table_dir(self._warehouse), f"part-{run_token}")
             )
             if self._write_disposition == "truncate":
+                table_glob = parquet_table_glob(self._warehouse)
+                # Snapshot now, while the pipeline is built: what truncate replaces.
+                snapshot = list_table_files(table_glob)
                 _ = (
                     written
                     | "CollectWrittenFiles" >> beam.combiners.ToList()
-                    | "DeleteStaleFiles" >> beam.ParDo(DeleteStaleFilesFn(parquet_table_glob(self._warehouse)))
+                    | "DeleteStaleFiles" >> beam.ParDo(DeleteStaleFilesFn(table_glob, snapshot))
                 )
             return beam.pvalue.PDone(rows.pipeline)
-        staged = checked | "StageParquet" >> self._write_parquet(
-            FileSystems.join(duckdb_staging_dir(self._warehouse), run_token, "part")
-        )
+        staging_dir = FileSystems.join(duckdb_staging_dir(self._warehouse), run_token)
+        staged = checked | "StageParquet" >> self._write_parquet(FileSystems.join(staging_dir, "part"))
         _ = (
             staged
             | "CollectStagedFiles" >> beam.combiners.ToList()
             | "LoadIntoDuckDB"
-            >> beam.ParDo(LoadIntoDuckDBFn(self._warehouse.location, self._warehouse.table, self._write_disposition))
+            >> beam.ParDo(LoadIntoDuckDBFn(self._warehouse.location, self._warehouse.table, self._write_disposition,
+                                           staging_dir=staging_dir, lock_timeout_s=self._duckdb_lock_timeout_s))
         )
         return beam.pvalue.PDone(rows.pipeline)
 
@@ -302,5 +418,12 @@ class WriteToWarehouse(beam.PTransform):
 class WriteEmbeddings(WriteToWarehouse):
     """Writes embedding rows (``schemas.embedding.EMBEDDING_RECORD`` dicts) to a warehouse."""
 
-    def __init__(self, warehouse_uri: str, *, write_disposition: WriteDisposition = "append"):
-        super().__init__(warehouse_uri, EMBEDDINGS_TABLE, write_disposition=write_disposition)
+    def __init__(
+        self,
+        warehouse_uri: str,
+        *,
+        write_disposition: WriteDisposition = "append",
+        duckdb_lock_timeout_s: float = DEFAULT_DUCKDB_LOCK_TIMEOUT_S,
+    ):
+        super().__init__(warehouse_uri, EMBEDDINGS_TABLE, write_disposition=write_disposition,
+                         duckdb_lock_timeout_s=duckdb_lock_timeout_s)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
+import logging
 import os
+import re
+import subprocess
+import sys
+from typing import Iterator
 
+import apache_beam as beam
 import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
 
 from schemas.embedding import EMBEDDING_RECORD, EMBEDDINGS_TABLE
 from schemas.warehouse import parse_warehouse_uri
@@ -174,3 +182,74 @@ def test_parallel_writers_produce_a_complete_table(tmp_path, kind: str) -> None:
 def test_write_embeddings_rejects_unknown_dispositions() -> None:
     with pytest.raises(ValueError, match="write_disposition"):
         WriteEmbeddings("duckdb:x.duckdb", write_disposition="overwrite")  # type: ignore[arg-type]
+
+
+def _keys(rows: list[dict]) -> list[tuple[str, str]]:
+    return sorted((r["model_version"], r["image_id"]) for r in rows)
+
+
+def test_parquet_truncate_keeps_files_a_concurrent_writer_added(tmp_path) -> None:
+    uri = f"parquet:{tmp_path / 'parquet'}"
+    old, new, concurrent = wh.v2_rows()[:10], wh.v1_rows()[:7], wh.v2_rows()[20:25]
+    wh.write_rows(old, uri)
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        _ = pipeline | beam.Create(new) | WriteEmbeddings(uri, write_disposition="truncate")
+        # Built (the table's files snapshotted), not yet run: another job appends meanwhile.
+        wh.write_rows(concurrent, uri)
+    assert _keys(_parquet_rows(uri)) == _keys(new + concurrent)
+
+
+_HOLD_DUCKDB = """
+import sys, time
+import duckdb
+connection = duckdb.connect(sys.argv[1], read_only=True)  # What an open `sql` session holds.
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+@contextlib.contextmanager
+def _duckdb_held_by_another_process(path: str, seconds: float) -> Iterator[subprocess.Popen]:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_DUCKDB, path, str(seconds)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def _staged_files(uri: str) -> list[str]:
+    staging = duckdb_staging_dir(parse_warehouse_uri(uri, "embeddings"))
+    return [os.path.join(d, f) for d, _, files in os.walk(staging) for f in files]
+
+
+def test_duckdb_load_waits_for_a_reader_to_release_the_file(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    uri = f"duckdb:{tmp_path / 'w.duckdb'}"
+    first, second = wh.v2_rows()[:10], wh.v1_rows()[:7]
+    wh.write_rows(first, uri)
+    caplog.set_level(logging.INFO, logger="transforms.warehouse")
+    with _duckdb_held_by_another_process(str(tmp_path / "w.duckdb"), seconds=6) as holder:
+        wh.write_rows(second, uri)  # Default wait (120 s): the reader exits after 6 s.
+        assert holder.poll() is not None
+    assert "is locked; retrying" in caplog.text
+    assert _keys(_duckdb_rows(uri)) == _keys(first + second)
+    assert _staged_files(uri) == []
+
+
+def test_duckdb_load_that_never_gets_the_lock_fails_clearly_and_leaves_no_shards(tmp_path) -> None:
+    uri = f"duckdb:{tmp_path / 'w.duckdb'}"
+    first = wh.v2_rows()[:10]
+    wh.write_rows(first, uri)
+    with _duckdb_held_by_another_process(str(tmp_path / "w.duckdb"), seconds=300):
+        with pytest.raises(Exception, match="was locked by another process") as failed:
+            wh.write_rows(wh.v1_rows()[:7], uri, duckdb_lock_timeout_s=1.5)
+        assert re.search(r"waited \d+\.\d s \(limit 1\.5 s\)", str(failed.value)), str(failed.value)
+        assert _staged_files(uri) == []
+    assert _keys(_duckdb_rows(uri)) == _keys(first)
+
+
+def test_duckdb_lock_timeout_is_checked() -> None:
+    with pytest.raises(ValueError, match="Received `duckdb_lock_timeout_s=-1`"):
+        WriteEmbeddings("duckdb:x.duckdb", duckdb_lock_timeout_s=-1)
