@@ -13,15 +13,17 @@ from typing import Any, Iterable, Literal
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from schemas import dataset
+from schemas import counters, dataset
 from schemas.dead_letter import DeadLetter
-from transforms.dead_letters import METRICS_NAMESPACE, ToDeadLetters
+from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
+from transforms.file_reads import DEFAULT_RETRY, RetryPolicy
 from transforms.images import ImageSpec, NormalizedImage, content_sha256, normalize_image, read_image_bytes
 from transforms.labeling import LabeledImage
-from transforms.splitting import SplitSpec, assign_split, image_id_for_content, image_id_for_uri
+from transforms.splitting import SplitSpec, image_id_for_content, image_id_for_uri, split_for_content
 
 DedupeMode = Literal["uri", "content"]
 DUPLICATE_CONTENT = "duplicate_content"
+LOAD_STAGE = counters.LOAD_IMAGE_STAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,16 +38,52 @@ class LoadedImage:
     image: NormalizedImage
 
 
-class LoadImageFn(beam.DoFn):
-    """Reads one image file and normalizes it; failures raise ``RejectedInput``."""
+@dataclasses.dataclass(frozen=True)
+class ImageFile:
+    """A labeled image's undecoded bytes; ``input_ref`` names it in dead letters."""
+
+    labeled: LabeledImage
+    data: bytes
+
+    @property
+    def input_ref(self) -> str:
+        return self.labeled.input_ref
+
+
+class ReadImageFileFn(beam.DoFn):
+    """Reads one image file: LabeledImage -> ImageFile.
+
+    Missing, empty and permanently unreadable files go to the ``dead_letters``
+    output. This step deliberately has no ``with_exception_handling``: when
+    storage keeps failing after the retries, ``StorageUnavailable`` fails the
+    job instead of turning every remaining image into a dead letter.
+    """
+
+    DEAD_LETTERS = "dead_letters"
+
+    def __init__(self, retry: RetryPolicy = DEFAULT_RETRY):
+        self._retry = retry
+        self._bytes_read = Metrics.distribution(METRICS_NAMESPACE, "source_image_bytes")
+
+    def process(self, labeled: LabeledImage) -> Iterable[ImageFile | beam.pvalue.TaggedOutput]:
+        try:
+            data = read_image_bytes(labeled.uri, self._retry)
+        except RejectedInput as rejected:
+            yield beam.pvalue.TaggedOutput(
+                self.DEAD_LETTERS, DeadLetter(labeled.input_ref, LOAD_STAGE, rejected.error_type, str(rejected)))
+            return
+        self._bytes_read.update(len(data))
+        yield ImageFile(labeled, data)
+
+
+class DecodeImageFn(beam.DoFn):
+    """Normalizes one image's bytes: ImageFile -> LoadedImage; failures raise ``RejectedInput``."""
 
     def __init__(self, spec: ImageSpec):
         self._spec = spec
-        self._bytes_read = Metrics.distribution(METRICS_NAMESPACE, "source_image_bytes")
 
-    def process(self, labeled: LabeledImage) -> Iterable[LoadedImage]:
-        data = read_image_bytes(labeled.uri)
-        self._bytes_read.update(len(data))
+    def process(self, image_file: ImageFile) -> Iterable[LoadedImage]:
+        labeled, data = image_file.labeled, image_file.data
         yield LoadedImage(
             uri=labeled.uri,
             label=labeled.label,
@@ -57,15 +95,27 @@ class LoadImageFn(beam.DoFn):
 
 
 class LoadImages(beam.PTransform):
-    """LabeledImage -> (LoadedImage, DeadLetter) with one dead letter per bad file."""
+    """LabeledImage -> (LoadedImage, DeadLetter) with one dead letter per bad file.
 
-    def __init__(self, spec: ImageSpec):
+    Transient storage errors are retried per ``retry``; if storage stays down
+    the pipeline fails (``StorageUnavailable``) rather than losing images.
+    """
+
+    def __init__(self, spec: ImageSpec, retry: RetryPolicy = DEFAULT_RETRY):
         super().__init__()
         self._spec = spec
+        self._retry = retry
 
     def expand(self, labeled: beam.PCollection[LabeledImage]):
-        loaded, failed = labeled | "DecodeImages" >> beam.ParDo(LoadImageFn(self._spec)).with_exception_handling()
-        return loaded, failed | "ImageFailuresToDeadLetters" >> ToDeadLetters("load_image")
+        read = labeled | "ReadImageFiles" >> beam.ParDo(ReadImageFileFn(self._retry)).with_outputs(
+            ReadImageFileFn.DEAD_LETTERS, main="files")
+        loaded, failed = read.files | "DecodeImages" >> beam.ParDo(
+            DecodeImageFn(self._spec)).with_exception_handling()
+        letters = (
+            read[ReadImageFileFn.DEAD_LETTERS],
+            failed | "ImageFailuresToDeadLetters" >> ToDeadLetters(LOAD_STAGE),
+        ) | "MergeImageDeadLetters" >> beam.Flatten()
+        return loaded, letters
 
 
 def key_by_content(image: LoadedImage) -> tuple[str, LoadedImage]:
@@ -109,7 +159,7 @@ class BuildRecordFn(beam.DoFn):
     def __init__(self, split_spec: SplitSpec, dedupe: DedupeMode):
         self._split_spec = split_spec
         self._dedupe = dedupe
-        self._written = Metrics.counter(METRICS_NAMESPACE, "written")
+        self._written = Metrics.counter(METRICS_NAMESPACE, counters.WRITTEN)
 
     def process(self, image: LoadedImage) -> Iterable[dict[str, Any]]:
         image_id = image_id_for_content(image.sha256) if self._dedupe == "content" else image_id_for_uri(image.uri)
@@ -120,7 +170,7 @@ class BuildRecordFn(beam.DoFn):
             dataset.URI: image.uri,
             dataset.LABEL: image.label,
             dataset.LABEL_INDEX: image.label_index,
-            dataset.SPLIT: assign_split(image_id, self._split_spec),
+            dataset.SPLIT: split_for_content(image.sha256, self._split_spec),
             dataset.IMAGE: normalized.encoded,
             dataset.FORMAT: normalized.format,
             dataset.HEIGHT: normalized.height,
@@ -133,7 +183,12 @@ class BuildRecordFn(beam.DoFn):
 
 
 class BuildRecords(beam.PTransform):
-    """Assigns id and split; returns ``(records, dead_letters)``."""
+    """Assigns id and split; returns ``(records, dead_letters)``.
+
+    The id follows ``dedupe`` (URI or content); the split always follows the
+    content, so a dataset moved to another directory or bucket keeps every
+    image in its split, and byte-identical copies share one split.
+    """
 
     def __init__(self, split_spec: SplitSpec, dedupe: DedupeMode):
         super().__init__()

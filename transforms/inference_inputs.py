@@ -9,9 +9,13 @@ Three kinds of input become the same ``(image_id, ImageInput)`` elements:
 
 Every image is read and fully decoded once here, before batching, so a
 missing, empty, non-image or truncated file becomes a dead letter with a
-stable reason instead of failing the batch it would have joined. Ids come
-from ``transforms.splitting.image_id_for_uri``, the function create_dataset
-uses, so predictions join back to dataset records.
+stable reason instead of failing the batch it would have joined. A corrupt or
+truncated TFRecord shard yields every record before the damage and one
+``corrupt_tfrecord`` dead letter for its unreadable remainder. Transient
+storage errors are retried (``transforms.file_reads``); storage that stays
+down fails the job, because reading steps run without exception handling.
+Ids come from ``transforms.splitting.image_id_for_uri``, the function
+create_dataset uses, so predictions join back to dataset records.
 """
 
 from __future__ import annotations
@@ -19,28 +23,34 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import posixpath
+import time
+import zlib
 from typing import Iterable
 
 import apache_beam as beam
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io import fileio, tfrecordio
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from google.protobuf.message import DecodeError
 
-from schemas import dataset, layout
+from schemas import counters, dataset, layout
 from schemas.dead_letter import DeadLetter
+from schemas.publication import published_dir
 from transforms import images
 from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
+from transforms.file_reads import DEFAULT_RETRY, RetryPolicy, StorageUnavailable, is_transient, open_file
 from transforms.manifests import ManifestRow, ReadCsvRows, expand_patterns
 from transforms.model_handler import ImageInput, KeyedImage
 from transforms.splitting import image_id_for_uri
 
 INPUT_KINDS = ("manifest", "images", "dataset")
-LOAD_STAGE = "load_image"
+LOAD_STAGE = counters.LOAD_IMAGE_STAGE
 PARSE_STAGE = "parse_dataset_record"
+READ_SHARD_STAGE = "read_dataset_shard"
 CORRUPT_RECORD = "corrupt_record"
-READ_COUNTER = "read"
+CORRUPT_TFRECORD = "corrupt_tfrecord"
+READ_COUNTER = counters.READ
 DEAD_LETTERS = "dead_letters"
 
 
@@ -52,11 +62,13 @@ class InputSpec:
       pattern: Manifest file(s), image glob, or TFRecord shard glob.
       kind: One of ``INPUT_KINDS``.
       max_pixels: Images with more pixels are rejected before decoding.
+      retry: How transient storage errors are retried.
     """
 
     pattern: str
     kind: str
     max_pixels: int = images.ImageSpec.max_pixels
+    retry: RetryPolicy = DEFAULT_RETRY
 
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:
@@ -68,8 +80,8 @@ class InputSpec:
     def resolve(cls, input_flag: str, kind: str = "auto", max_pixels: int = images.ImageSpec.max_pixels) -> "InputSpec":
         """Builds a spec from ``--input``/``--input_format``, detecting the kind for ``auto``.
 
-        A create_dataset directory (it holds dataset_info.json) is read as all of
-        its shards.
+        A create_dataset directory (its published run holds dataset_info.json)
+        is read as all of that run's shards.
         """
         if kind != "auto":
             return cls(input_flag, kind, max_pixels)
@@ -78,8 +90,9 @@ class InputSpec:
             return cls(input_flag, "manifest", max_pixels)
         if lowered.endswith((layout.TFRECORD_SUFFIX, ".tfrecord")):
             return cls(input_flag, "dataset", max_pixels)
-        if FileSystems.exists(layout.join(input_flag, layout.DATASET_INFO_FILE)):
-            return cls(layout.join(input_flag, f"*-*-of-*{layout.TFRECORD_SUFFIX}"), "dataset", max_pixels)
+        dataset_dir = published_dir(input_flag)
+        if FileSystems.exists(layout.join(dataset_dir, layout.DATASET_INFO_FILE)):
+            return cls(layout.join(dataset_dir, f"*-*-of-*{layout.TFRECORD_SUFFIX}"), "dataset", max_pixels)
         return cls(input_flag, "images", max_pixels)
 
 
@@ -105,9 +118,40 @@ class FileToRowFn(beam.DoFn):
         yield ManifestRow(uri=metadata.path, label="", input_ref=metadata.path)
 
 
+@dataclasses.dataclass(frozen=True)
+class ListedImageFile:
+    """A listed image's undecoded bytes; ``input_ref`` names it in dead letters."""
+
+    row: ManifestRow
+    data: bytes
+
+    @property
+    def input_ref(self) -> str:
+        return self.row.input_ref
+
+
+class ReadImageFileFn(beam.DoFn):
+    """Reads one listed image: ``ManifestRow`` -> ``ListedImageFile``.
+
+    Missing, empty and permanently unreadable files go to ``dead_letters``.
+    No ``with_exception_handling`` here: ``StorageUnavailable`` must fail the job.
+    """
+
+    def __init__(self, retry: RetryPolicy):
+        self._retry = retry
+
+    def process(self, row: ManifestRow) -> Iterable[ListedImageFile | beam.pvalue.TaggedOutput]:
+        try:
+            data = images.read_image_bytes(row.uri, self._retry)
+        except RejectedInput as rejected:
+            yield _rejection(row.uri, LOAD_STAGE, rejected)
+            return
+        yield ListedImageFile(row, data)
+
+
 @beam.typehints.with_output_types(KeyedImage, dead_letters=DeadLetter)
-class LoadImageFn(beam.DoFn):
-    """Reads and validates one listed image: ``ManifestRow`` -> ``(image_id, ImageInput)``.
+class CheckImageFn(beam.DoFn):
+    """Validates one image's bytes: ``ListedImageFile`` -> ``(image_id, ImageInput)``.
 
     Rejected images go to the ``dead_letters`` output with their reason.
     """
@@ -115,9 +159,9 @@ class LoadImageFn(beam.DoFn):
     def __init__(self, max_pixels: int):
         self._max_pixels = max_pixels
 
-    def process(self, row: ManifestRow) -> Iterable[KeyedImage | beam.pvalue.TaggedOutput]:
+    def process(self, listed: ListedImageFile) -> Iterable[KeyedImage | beam.pvalue.TaggedOutput]:
+        row, data = listed.row, listed.data
         try:
-            data = images.read_image_bytes(row.uri)
             images.check_image(data, self._max_pixels)
         except RejectedInput as rejected:
             yield _rejection(row.uri, LOAD_STAGE, rejected)
@@ -126,6 +170,74 @@ class LoadImageFn(beam.DoFn):
         yield image_id, ImageInput(
             image_id=image_id, uri=row.uri, image_bytes=data, label=row.label or None, source=image_source(row.uri)
         )
+
+
+# Beam's TFRecord framing (length, masked CRC32C, payload, CRC) is reused
+# rather than re-implemented; ReadFromTFRecord itself cannot be used because it
+# raises on the first damaged record and takes the whole job down with it.
+_read_record = tfrecordio._TFRecordUtil.read_record
+_encoded_num_bytes = tfrecordio._TFRecordUtil.encoded_num_bytes
+# What a damaged shard raises: bad framing or CRC (ValueError), bad gzip data (zlib.error).
+_CORRUPTION_ERRORS = (ValueError, zlib.error, EOFError)
+
+
+class ReadShardRecordsFn(beam.DoFn):
+    """Reads one TFRecord shard (gzip or not): ``FileMetadata`` -> serialized records.
+
+    Records before any damage are emitted; the unreadable remainder of a
+    damaged shard becomes one ``corrupt_tfrecord`` dead letter naming the file
+    and the index and byte offset (in the uncompressed stream) of the first
+    unreadable record, counted as one input read. A transient storage error
+    reopens the shard and resumes after the last emitted record; storage that
+    keeps failing raises ``StorageUnavailable`` (no exception handling here).
+    """
+
+    def __init__(self, retry: RetryPolicy):
+        self._retry = retry
+        self._read = Metrics.counter(METRICS_NAMESPACE, READ_COUNTER)
+
+    def process(self, metadata: FileMetadata) -> Iterable[bytes | beam.pvalue.TaggedOutput]:
+        path = metadata.path
+        emitted = 0
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                for index, record in self._records(path):
+                    if isinstance(record, beam.pvalue.TaggedOutput) or index >= emitted:
+                        emitted = index + 1
+                        yield record
+                return
+            except RejectedInput as rejected:  # The shard vanished or became unreadable after the match.
+                self._read.inc()
+                yield _rejection(path, READ_SHARD_STAGE, rejected)
+                return
+            except Exception as error:  # Classified here: only transient storage errors are retried.
+                if not is_transient(error):
+                    raise
+                if attempt == self._retry.attempts:
+                    raise StorageUnavailable(
+                        f"reading {path} failed {attempt} times, last with {type(error).__name__}: {error}"
+                    ) from error
+                time.sleep(self._retry.delay_s(attempt))
+
+    def _records(self, path: str) -> Iterable[tuple[int, bytes | beam.pvalue.TaggedOutput]]:
+        """``(index, record)`` pairs, ending with ``(index, dead letter)`` if the shard is damaged."""
+        with open_file(path, compression_type=CompressionTypes.AUTO) as handle:
+            index, offset = 0, 0
+            while True:
+                try:
+                    record = _read_record(handle)
+                except _CORRUPTION_ERRORS as error:
+                    self._read.inc()
+                    message = (f"records {index} onwards of {path} are unreadable (from byte {offset} of the "
+                               f"uncompressed stream): {error}")
+                    yield index, _rejection(
+                        f"{path}@record:{index}", READ_SHARD_STAGE, RejectedInput(CORRUPT_TFRECORD, message[:1000]))
+                    return
+                if record is None:
+                    return
+                yield index, record
+                index += 1
+                offset += _encoded_num_bytes(record)
 
 
 @beam.typehints.with_output_types(KeyedImage, dead_letters=DeadLetter)
@@ -178,9 +290,16 @@ class ReadImageInputs(beam.PTransform):
         spec = self._spec
         upstream_letters: list[beam.PCollection] = []
         if spec.kind == "dataset":
-            parsed = (
+            shards = (
                 pbegin
-                | "ReadDatasetRecords" >> beam.io.ReadFromTFRecord(spec.pattern)
+                | "MatchDatasetShards" >> fileio.MatchFiles(spec.pattern, fileio.EmptyMatchTreatment.DISALLOW)
+                | "ReadDatasetRecords" >> beam.ParDo(ReadShardRecordsFn(spec.retry)).with_outputs(
+                    DEAD_LETTERS, main="records")
+            )
+            upstream_letters.append(shards[DEAD_LETTERS])
+            parsed = (
+                shards.records
+                | "RedistributeRecords" >> beam.Reshuffle()
                 | "ParseDatasetRecords"
                 >> beam.ParDo(ParseDatasetRecordFn(spec.max_pixels))
                 .with_exception_handling(main_tag="images")
@@ -200,7 +319,10 @@ class ReadImageInputs(beam.PTransform):
                     | "ListImageFiles" >> beam.ParDo(FileToRowFn())
                     | "RedistributeFiles" >> beam.Reshuffle()
                 )
-            parsed = rows | "LoadImages" >> beam.ParDo(LoadImageFn(spec.max_pixels)).with_exception_handling(
+            files = rows | "ReadImageFiles" >> beam.ParDo(ReadImageFileFn(spec.retry)).with_outputs(
+                DEAD_LETTERS, main="files")
+            upstream_letters.append(files[DEAD_LETTERS])
+            parsed = files.files | "LoadImages" >> beam.ParDo(CheckImageFn(spec.max_pixels)).with_exception_handling(
                 main_tag="images"
             ).with_outputs(DEAD_LETTERS)
             stage = LOAD_STAGE

@@ -2,9 +2,11 @@
 
 Manifests follow the "Practical ML for Computer Vision" book's all_data.csv:
 headerless ``uri,label`` rows; a header row (first field ``uri``) is also
-accepted. Relative local paths are resolved against the manifest's directory.
-A row that does not parse becomes a ``malformed_row`` dead letter naming
-``file:line``; it is never dropped silently.
+accepted. Relative paths are resolved against the manifest's directory, local
+or gs://. Files are decoded line by line: a row that is not UTF-8
+(``invalid_utf8``) or does not parse (``malformed_row``) becomes a dead letter
+naming ``file:line`` and counts as one row read; it is never dropped
+silently, and it never costs the other rows of its file.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from schemas import counters
 from schemas.dead_letter import DeadLetter
-from transforms.dead_letters import METRICS_NAMESPACE
+from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput
+from transforms.file_reads import DEFAULT_RETRY, RetryPolicy, read_file_bytes
 from transforms.splitting import normalize_uri
 
 MALFORMED_ROW = "malformed_row"
+INVALID_UTF8 = "invalid_utf8"
 UNREADABLE_MANIFEST = "unreadable_manifest"
-STAGES = {"manifest": "read_manifest", "ratings": "read_ratings"}
+STAGES = {"manifest": counters.READ_MANIFEST_STAGE, "ratings": counters.READ_RATINGS_STAGE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,9 @@ def expand_patterns(patterns: list[str]) -> list[str]:
     return sorted(set(files))
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _base_dir(path: str) -> str:
     return posixpath.dirname(path) if "://" in path else FileSystems.split(path)[0]
 
@@ -70,32 +78,40 @@ class ParseCsvFileFn(beam.DoFn):
     """Parses one manifest or ratings file into rows and dead letters.
 
     ``kind`` is ``manifest`` (``uri[,label]``) or ``ratings`` (``uri,rater,label``).
+    A file that cannot be read at all (a directory, permission denied) is one
+    ``unreadable_manifest`` dead letter; when storage keeps failing after the
+    retries, ``StorageUnavailable`` fails the job.
     """
 
     DEAD_LETTERS = "dead_letters"
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, retry: RetryPolicy = DEFAULT_RETRY):
         if kind not in ("manifest", "ratings"):
             raise ValueError(f"kind must be manifest or ratings. Received `kind={kind}`")
         self._kind = kind
+        self._retry = retry
         self._stage = STAGES[kind]
-        self._read = Metrics.counter(METRICS_NAMESPACE, "read" if kind == "manifest" else "ratings_read")
+        self._read = Metrics.counter(METRICS_NAMESPACE, counters.READ if kind == "manifest" else counters.RATINGS_READ)
 
     def process(self, path: str) -> Iterable[ManifestRow | Rating | beam.pvalue.TaggedOutput]:
         try:
-            with FileSystems.open(path, compression_type="uncompressed") as handle:
-                text = handle.read().decode("utf-8-sig")
-        except (OSError, UnicodeDecodeError) as error:
+            data = read_file_bytes(path, self._retry)
+        except RejectedInput as rejected:
             yield beam.pvalue.TaggedOutput(
-                self.DEAD_LETTERS, DeadLetter(path, self._stage, UNREADABLE_MANIFEST, f"cannot read {path}: {error}")
-            )
+                self.DEAD_LETTERS, DeadLetter(path, self._stage, UNREADABLE_MANIFEST, str(rejected)))
             return
         base_dir = _base_dir(path)
-        lines = text.splitlines()
-        for line_number, line in enumerate(lines, start=1):
+        for line_number, raw_line in enumerate(data.removeprefix(_UTF8_BOM).splitlines(), start=1):
+            ref = f"{path}:{line_number}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                self._read.inc()
+                yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, DeadLetter(
+                    ref, self._stage, INVALID_UTF8, f"not UTF-8 text: {error}"))
+                continue
             if not line.strip():
                 continue
-            ref = f"{path}:{line_number}"
             try:
                 fields = next(csv.reader(io.StringIO(line), strict=True))
             except csv.Error as error:
@@ -132,16 +148,17 @@ class ReadCsvRows(beam.PTransform):
     images), then rows are redistributed so image loading runs in parallel.
     """
 
-    def __init__(self, files: list[str], kind: str):
+    def __init__(self, files: list[str], kind: str, retry: RetryPolicy = DEFAULT_RETRY):
         super().__init__()
         self._files = files
         self._kind = kind
+        self._retry = retry
 
     def expand(self, pbegin: beam.pvalue.PBegin):
         parsed = (
             pbegin
             | "ListFiles" >> beam.Create(self._files)
-            | "ParseRows" >> beam.ParDo(ParseCsvFileFn(self._kind)).with_outputs(
+            | "ParseRows" >> beam.ParDo(ParseCsvFileFn(self._kind, self._retry)).with_outputs(
                 ParseCsvFileFn.DEAD_LETTERS, main="rows")
         )
         rows = parsed.rows | "RedistributeRows" >> beam.Reshuffle()

@@ -13,11 +13,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from schemas import dataset, layout
+from schemas import counters, dataset, layout
 from transforms import images
-from transforms.dead_letters import RejectedInput
+from transforms.dead_letters import RejectedInput, counter_total
 from transforms.inference_inputs import (
     CORRUPT_RECORD,
+    CORRUPT_TFRECORD,
     InputSpec,
     ReadImageInputs,
     image_source,
@@ -60,8 +61,8 @@ def test_manifest_rows_are_keyed_and_bad_files_are_dead_lettered(image_corpus, t
         (image_id_for_uri(uri), image_id_for_uri(uri), uri, label, None, os.path.dirname(uri), file_sha(uri))
         for uri, label in good.items()
     ]
-    expected_letters = [(uri, "load_image", reason) for uri, reason in bad.items()]
-    expected_letters.append((f"{manifest}:{len(rows) + 1}", "read_manifest", "malformed_row"))
+    expected_letters = [(uri, counters.LOAD_IMAGE_STAGE, reason) for uri, reason in bad.items()]
+    expected_letters.append((f"{manifest}:{len(rows) + 1}", counters.READ_MANIFEST_STAGE, "malformed_row"))
 
     with TestPipeline(runner="FnApiRunner") as p:
         keyed, letters = p | ReadImageInputs(InputSpec.resolve(str(manifest), max_pixels=MAX_PIXELS))
@@ -86,7 +87,7 @@ def test_image_glob_reads_every_file_without_labels(tmp_path):
         assert_that(keyed | beam.Map(describe), equal_to(expected), label="CheckImages")
         assert_that(
             letters | beam.Map(letter_reason),
-            equal_to([(str(tmp_path / "img_bad.png"), "load_image", images.NOT_AN_IMAGE)]),
+            equal_to([(str(tmp_path / "img_bad.png"), counters.LOAD_IMAGE_STAGE, images.NOT_AN_IMAGE)]),
             label="CheckDeadLetters",
         )
 
@@ -173,3 +174,61 @@ def test_check_image_reasons(image_corpus):
 def test_image_source_is_the_directory():
     assert image_source("gs://bucket/a/b/c.jpg") == "gs://bucket/a/b"
     assert image_source("/data/x/y.png") == "/data/x"
+
+
+def _write_shard(path: str, records: list[dict], compression: str = "GZIP") -> None:
+    with tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type=compression)) as writer:
+        for record in records:
+            writer.write(dataset.DATASET_RECORD.to_tf_example(record))
+
+
+def _readable_prefix(path: str, compression: str) -> int:
+    """How many records TensorFlow's own reader gets from a damaged shard before it fails."""
+    count = 0
+    try:
+        for _ in tf.data.TFRecordDataset(path, compression_type=compression):
+            count += 1
+    except tf.errors.DataLossError:
+        pass
+    return count
+
+
+def image_id_of(element: KeyedImage) -> str:
+    return element[0]
+
+
+def test_damaged_shards_dead_letter_their_unreadable_tail_and_the_rest_is_read(tmp_path):
+    records = [_dataset_record(i, _png(i * 7 % 256), "test") for i in range(30)]
+    good = str(tmp_path / "train-00000-of-00003.tfrecord.gz")
+    truncated = str(tmp_path / "test-00001-of-00003.tfrecord.gz")
+    corrupt = str(tmp_path / "test-00002-of-00003.tfrecord")
+    _write_shard(good, records[:5])
+    _write_shard(truncated, records[5:25])
+    with open(truncated, "rb") as handle:
+        data = handle.read()
+    with open(truncated, "wb") as handle:
+        handle.write(data[: len(data) * 6 // 10])
+    _write_shard(corrupt, records[25:], compression="")
+    with open(corrupt, "r+b") as handle:  # Flip one payload byte of the third record: its CRC fails.
+        record_size = len(dataset.DATASET_RECORD.to_tf_example(records[25])) + 16
+        handle.seek(2 * record_size + 40)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    kept_truncated = _readable_prefix(truncated, "GZIP")
+    kept_corrupt = _readable_prefix(corrupt, "")
+    assert 0 < kept_truncated < 20 and kept_corrupt == 2
+    expected_ids = [r[dataset.IMAGE_ID] for r in records[:5] + records[5:5 + kept_truncated] + records[25:27]]
+    expected_letters = [
+        (f"{truncated}@record:{kept_truncated}", "read_dataset_shard", CORRUPT_TFRECORD),
+        (f"{corrupt}@record:{kept_corrupt}", "read_dataset_shard", CORRUPT_TFRECORD),
+    ]
+
+    p = TestPipeline(runner="FnApiRunner")
+    keyed, letters = p | ReadImageInputs(InputSpec(str(tmp_path / "*-of-*"), "dataset"))
+    assert_that(keyed | beam.Map(image_id_of), equal_to(expected_ids), label="CheckImages")
+    assert_that(letters | beam.Map(letter_reason), equal_to(expected_letters), label="CheckDeadLetters")
+    result = p.run()
+    result.wait_until_finish()
+    # Each unreadable tail is one input read and rejected: read == images + dead letters.
+    assert counter_total(result, "read") == len(expected_ids) + len(expected_letters)
