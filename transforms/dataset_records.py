@@ -15,9 +15,10 @@ from apache_beam.metrics import Metrics
 
 from schemas import counters, dataset
 from schemas.dead_letter import DeadLetter
-from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
+from transforms.dead_letters import METRICS_NAMESPACE, ToDeadLetters
 from transforms.file_reads import DEFAULT_RETRY, RetryPolicy
-from transforms.images import ImageSpec, NormalizedImage, content_sha256, normalize_image, read_image_bytes
+from transforms.image_files import ImageFile, ReadImageFilesFn
+from transforms.images import ImageSpec, NormalizedImage, content_sha256, normalize_image
 from transforms.labeling import LabeledImage
 from transforms.splitting import SplitSpec, image_id_for_content, image_id_for_uri, split_for_content
 
@@ -38,44 +39,6 @@ class LoadedImage:
     image: NormalizedImage
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageFile:
-    """A labeled image's undecoded bytes; ``input_ref`` names it in dead letters."""
-
-    labeled: LabeledImage
-    data: bytes
-
-    @property
-    def input_ref(self) -> str:
-        return self.labeled.input_ref
-
-
-class ReadImageFileFn(beam.DoFn):
-    """Reads one image file: LabeledImage -> ImageFile.
-
-    Missing, empty and permanently unreadable files go to the ``dead_letters``
-    output. This step deliberately has no ``with_exception_handling``: when
-    storage keeps failing after the retries, ``StorageUnavailable`` fails the
-    job instead of turning every remaining image into a dead letter.
-    """
-
-    DEAD_LETTERS = "dead_letters"
-
-    def __init__(self, retry: RetryPolicy = DEFAULT_RETRY):
-        self._retry = retry
-        self._bytes_read = Metrics.distribution(METRICS_NAMESPACE, "source_image_bytes")
-
-    def process(self, labeled: LabeledImage) -> Iterable[ImageFile | beam.pvalue.TaggedOutput]:
-        try:
-            data = read_image_bytes(labeled.uri, self._retry)
-        except RejectedInput as rejected:
-            yield beam.pvalue.TaggedOutput(
-                self.DEAD_LETTERS, DeadLetter(labeled.input_ref, LOAD_STAGE, rejected.error_type, str(rejected)))
-            return
-        self._bytes_read.update(len(data))
-        yield ImageFile(labeled, data)
-
-
 class DecodeImageFn(beam.DoFn):
     """Normalizes one image's bytes: ImageFile -> LoadedImage; failures raise ``RejectedInput``."""
 
@@ -83,7 +46,7 @@ class DecodeImageFn(beam.DoFn):
         self._spec = spec
 
     def process(self, image_file: ImageFile) -> Iterable[LoadedImage]:
-        labeled, data = image_file.labeled, image_file.data
+        labeled, data = image_file.listed, image_file.data
         yield LoadedImage(
             uri=labeled.uri,
             label=labeled.label,
@@ -107,12 +70,12 @@ class LoadImages(beam.PTransform):
         self._retry = retry
 
     def expand(self, labeled: beam.PCollection[LabeledImage]):
-        read = labeled | "ReadImageFiles" >> beam.ParDo(ReadImageFileFn(self._retry)).with_outputs(
-            ReadImageFileFn.DEAD_LETTERS, main="files")
+        read = labeled | "ReadImageFiles" >> beam.ParDo(ReadImageFilesFn(LOAD_STAGE, retry=self._retry)).with_outputs(
+            ReadImageFilesFn.DEAD_LETTERS, main="files")
         loaded, failed = read.files | "DecodeImages" >> beam.ParDo(
             DecodeImageFn(self._spec)).with_exception_handling()
         letters = (
-            read[ReadImageFileFn.DEAD_LETTERS],
+            read[ReadImageFilesFn.DEAD_LETTERS],
             failed | "ImageFailuresToDeadLetters" >> ToDeadLetters(LOAD_STAGE),
         ) | "MergeImageDeadLetters" >> beam.Flatten()
         return loaded, letters

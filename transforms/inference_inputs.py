@@ -40,6 +40,7 @@ from schemas.publication import published_dir
 from transforms import images
 from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
 from transforms.file_reads import DEFAULT_RETRY, RetryPolicy, StorageUnavailable, is_transient, open_file
+from transforms.image_files import ImageFile, ReadImageFilesFn
 from transforms.manifests import ManifestRow, ReadCsvRows, expand_patterns
 from transforms.model_handler import ImageInput, KeyedImage
 from transforms.splitting import image_id_for_uri
@@ -118,40 +119,9 @@ class FileToRowFn(beam.DoFn):
         yield ManifestRow(uri=metadata.path, label="", input_ref=metadata.path)
 
 
-@dataclasses.dataclass(frozen=True)
-class ListedImageFile:
-    """A listed image's undecoded bytes; ``input_ref`` names it in dead letters."""
-
-    row: ManifestRow
-    data: bytes
-
-    @property
-    def input_ref(self) -> str:
-        return self.row.input_ref
-
-
-class ReadImageFileFn(beam.DoFn):
-    """Reads one listed image: ``ManifestRow`` -> ``ListedImageFile``.
-
-    Missing, empty and permanently unreadable files go to ``dead_letters``.
-    No ``with_exception_handling`` here: ``StorageUnavailable`` must fail the job.
-    """
-
-    def __init__(self, retry: RetryPolicy):
-        self._retry = retry
-
-    def process(self, row: ManifestRow) -> Iterable[ListedImageFile | beam.pvalue.TaggedOutput]:
-        try:
-            data = images.read_image_bytes(row.uri, self._retry)
-        except RejectedInput as rejected:
-            yield _rejection(row.uri, LOAD_STAGE, rejected)
-            return
-        yield ListedImageFile(row, data)
-
-
 @beam.typehints.with_output_types(KeyedImage, dead_letters=DeadLetter)
 class CheckImageFn(beam.DoFn):
-    """Validates one image's bytes: ``ListedImageFile`` -> ``(image_id, ImageInput)``.
+    """Validates one image's bytes: ``ImageFile`` of a ``ManifestRow`` -> ``(image_id, ImageInput)``.
 
     Rejected images go to the ``dead_letters`` output with their reason.
     """
@@ -159,8 +129,8 @@ class CheckImageFn(beam.DoFn):
     def __init__(self, max_pixels: int):
         self._max_pixels = max_pixels
 
-    def process(self, listed: ListedImageFile) -> Iterable[KeyedImage | beam.pvalue.TaggedOutput]:
-        row, data = listed.row, listed.data
+    def process(self, image_file: ImageFile) -> Iterable[KeyedImage | beam.pvalue.TaggedOutput]:
+        row, data = image_file.listed, image_file.data
         try:
             images.check_image(data, self._max_pixels)
         except RejectedInput as rejected:
@@ -319,7 +289,8 @@ class ReadImageInputs(beam.PTransform):
                     | "ListImageFiles" >> beam.ParDo(FileToRowFn())
                     | "RedistributeFiles" >> beam.Reshuffle()
                 )
-            files = rows | "ReadImageFiles" >> beam.ParDo(ReadImageFileFn(spec.retry)).with_outputs(
+            files = rows | "ReadImageFiles" >> beam.ParDo(
+                ReadImageFilesFn(LOAD_STAGE, ref_attribute="uri", retry=spec.retry)).with_outputs(
                 DEAD_LETTERS, main="files")
             upstream_letters.append(files[DEAD_LETTERS])
             parsed = files.files | "LoadImages" >> beam.ParDo(CheckImageFn(spec.max_pixels)).with_exception_handling(
