@@ -36,6 +36,8 @@ from typing import Any, Iterable
 
 import apache_beam as beam
 
+from schemas.publication import published_dir
+
 APPROACHES = ("raw_tf", "job", "job_threads", "naive")
 MODELS = ("small_cnn", "mobilenet_v2")
 IMAGE_SIZE = 224
@@ -45,29 +47,41 @@ ANALYSIS_IMAGES = 200  # tf.Transform statistics only need a sample; the model i
 def prepare(work_dir: str, count: int, models: list[str]) -> tuple[str, dict[str, str]]:
     """Writes the images, a tf.Transform output and one exported model per architecture (cached)."""
     from model_lib import sample_data
+    from schemas import model_artifacts
 
     data_dir = os.path.join(work_dir, f"synthetic_{count}")
     manifest = os.path.join(data_dir, sample_data.MANIFEST_FILE)
     if not os.path.exists(manifest):
         sample_data.write_synthetic(data_dir, count=count, size=256, image_format="jpeg")
     dataset_dir = os.path.join(work_dir, "analysis_dataset")
-    if not os.path.exists(os.path.join(dataset_dir, "transform_fn")):
+    if not _has_transform_output(dataset_dir):
+        # Missing, unpublished or in an older layout: rebuilt from scratch (a fresh directory needs no --overwrite).
+        shutil.rmtree(dataset_dir, ignore_errors=True)
         sample_manifest = os.path.join(work_dir, "analysis_manifest.csv")
         with open(manifest) as source, open(sample_manifest, "w") as sample:
             sample.writelines(source.readlines()[:ANALYSIS_IMAGES])
-        subprocess.run(
+        completed = subprocess.run(
             [sys.executable, "-m", "beam_jobs.create_dataset", "--manifest", sample_manifest,
              "--output_dir", dataset_dir, "--image_size", str(IMAGE_SIZE), "--split", "100,0,0"],
-            check=True, capture_output=True,
+            capture_output=True, text=True,
         )
+        if completed.returncode != 0:
+            raise RuntimeError(f"create_dataset failed:\n{completed.stderr[-3000:]}")
     model_dirs = {}
     for arch in models:
         model_dir = os.path.join(work_dir, "models", arch)
-        if not os.path.exists(os.path.join(model_dir, "model_info.json")):
+        if not os.path.exists(os.path.join(model_dir, model_artifacts.MODEL_INFO_FILE)):
             subprocess.run([sys.executable, "-m", "benchmarks.batch_predict", "--export", arch,
                             "--dataset_dir", dataset_dir, "--model_dir", model_dir], check=True)
         model_dirs[arch] = model_dir
     return manifest, model_dirs
+
+
+def _has_transform_output(dataset_dir: str) -> bool:
+    """Whether the dataset directory publishes a run with a tf.Transform output (``transform_fn/``)."""
+    import tensorflow_transform as tft
+
+    return os.path.isdir(os.path.join(published_dir(dataset_dir), tft.TFTransformOutput.TRANSFORM_FN_DIR))
 
 
 def export(arch: str, dataset_dir: str, model_dir: str) -> None:
@@ -80,7 +94,7 @@ def export(arch: str, dataset_dir: str, model_dir: str) -> None:
     labels = sorted(sample_data.SHAPES)
     model = models.build_model(arch, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), num_classes=len(labels))
     model_export.export_model(
-        model, model_dir=model_dir, transform_output=tft.TFTransformOutput(dataset_dir), labels=labels,
+        model, model_dir=model_dir, transform_output=tft.TFTransformOutput(published_dir(dataset_dir)), labels=labels,
         architecture=arch, image_size=IMAGE_SIZE, channels=3, dataset_fingerprint="benchmark",
         hyperparameters={},
     )
@@ -116,14 +130,16 @@ def measure_job(model_dir: str, manifest: str, output_dir: str, extra: list[str]
     from beam_jobs import batch_predict
 
     result = batch_predict.run(["--model_dir", model_dir, "--input", manifest, "--output", output_dir, *extra])
-    return batch_predict.accounting(result)["predicted"]
+    return batch_predict.accounting(result)[batch_predict.PREDICTED_COUNTER]
 
 
 def measure_naive(model_dir: str, manifest: str, output_dir: str) -> int:
     """A Beam job that does what RunInference exists to avoid."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     from transforms.runner_policy import make_pipeline_options
 
-    pipeline = beam.Pipeline(options=make_pipeline_options([]))
+    pipeline = beam.Pipeline(options=make_pipeline_options([], job_options=PipelineOptions))
     _ = (
         pipeline
         | "ReadManifest" >> beam.io.ReadFromText(manifest)
@@ -165,6 +181,7 @@ def child(approach: str, model_dir: str, manifest: str, output_dir: str) -> dict
     import tensorflow  # noqa: F401  Imported before the clock starts, for every approach alike.
 
     shutil.rmtree(output_dir, ignore_errors=True)
+    model_dir = published_dir(model_dir)  # What the job reads for --model_dir, for every approach alike.
     start = time.perf_counter()
     if approach == "raw_tf":
         images = measure_raw_tf(model_dir, manifest, batch_size=64)

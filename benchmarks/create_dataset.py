@@ -24,6 +24,8 @@ import time
 
 from benchmarks.report import write_section
 from model_lib import sample_data
+from schemas import layout
+from schemas.publication import published_dir
 
 
 def _job_command(manifest: str, output_dir: str, extra: list[str]) -> list[str]:
@@ -37,7 +39,7 @@ def _peak_rss_mib(time_output: str) -> float | None:
 
 
 def run_once(manifest: str, output_dir: str, extra: list[str]) -> dict[str, float | None]:
-    shutil.rmtree(output_dir, ignore_errors=True)
+    shutil.rmtree(output_dir, ignore_errors=True)  # Every run starts fresh: no --overwrite, nothing cached.
     command = _job_command(manifest, output_dir, extra)
     timed = ["/usr/bin/time", "-v", *command] if os.path.exists("/usr/bin/time") else command
     start = time.perf_counter()
@@ -45,7 +47,11 @@ def run_once(manifest: str, output_dir: str, extra: list[str]) -> dict[str, floa
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"job failed:\n{completed.stderr[-3000:]}")
-    output_bytes = sum(os.path.getsize(p) for p in glob.glob(os.path.join(output_dir, "*.tfrecord.gz")))
+    dataset_dir = published_dir(output_dir)  # The run the job published under output_dir.
+    shards = glob.glob(os.path.join(dataset_dir, f"*{layout.TFRECORD_SUFFIX}"))
+    if not shards:  # A size of 0 would be reported as a result; it means the layout changed under us.
+        raise RuntimeError(f"no *{layout.TFRECORD_SUFFIX} shards in {dataset_dir}")
+    output_bytes = sum(os.path.getsize(p) for p in shards)
     return {"wall_s": wall, "output_bytes": output_bytes, "peak_rss_mib": _peak_rss_mib(completed.stderr)}
 
 

@@ -15,7 +15,6 @@ Results are written to the ``train`` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -24,9 +23,14 @@ import sys
 import time
 
 from benchmarks.report import write_section
+from model_lib import sample_data
 from schemas.classification_metrics import ModelMetrics
+from schemas.dataset_info import DatasetInfo
+from schemas.leaderboard import Leaderboard
+from schemas.publication import published_dir
 
 QUALITY_BAR = 0.97
+SEED = "seed"  # The one hyperparameter the benchmark's grid varies.
 
 
 def _run(args: list[str]) -> float:
@@ -38,20 +42,43 @@ def _run(args: list[str]) -> float:
 def build_dataset(work_dir: str) -> str:
     """make-sample-data + create-dataset, cached across runs of the benchmark."""
     dataset_dir = os.path.join(work_dir, "dataset")
-    if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+    if not _has_dataset(dataset_dir):
+        # Missing, unpublished or in an older layout: rebuilt from scratch (a fresh directory needs no --overwrite).
+        shutil.rmtree(dataset_dir, ignore_errors=True)
         source = os.path.join(work_dir, "digits")
         _run(["make-sample-data", "--dataset", "digits", "--output_dir", source])
         _run([
-            "create-dataset", "--manifest", os.path.join(source, "all_data.csv"),
-            "--labels_file", os.path.join(source, "labels.txt"), "--output_dir", dataset_dir,
+            "create-dataset", "--manifest", os.path.join(source, sample_data.MANIFEST_FILE),
+            "--labels_file", os.path.join(source, sample_data.LABELS_FILE), "--output_dir", dataset_dir,
             "--image_size", "32", "--channels", "1", "--image_format", "png", "--split", "80,10,10",
         ])
     return dataset_dir
 
 
-def format_report(board: dict, wall_seconds: float, seeds: list[int], command: str) -> str:
-    rows = sorted(board["trials"], key=lambda row: row["hparams"]["seed"])
-    accuracies = [row["test"]["accuracy"] for row in rows]
+def _has_dataset(dataset_dir: str) -> bool:
+    """Whether ``dataset_dir`` publishes a create_dataset run whose dataset_info.json reads under the contract."""
+    try:
+        DatasetInfo.read(published_dir(dataset_dir))
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def trial_metrics(board: Leaderboard) -> dict[str, ModelMetrics]:
+    """Every trial's metrics.json, keyed by trial id; the report needs each one's test split."""
+    metrics = {}
+    for trial in board.trials:
+        metrics[trial.trial_id] = ModelMetrics.read(published_dir(trial.model_dir))
+        if metrics[trial.trial_id].test is None:
+            raise ValueError(f"trial {trial.trial_id} has no test-split metrics in {trial.model_dir}")
+    return metrics
+
+
+def format_report(board: Leaderboard, metrics: dict[str, ModelMetrics], wall_seconds: float, seeds: list[int],
+                  command: str) -> str:
+    """The ``train`` section: one row per trial of ``board``, with its ``metrics`` (keyed by trial id)."""
+    rows = sorted(board.trials, key=lambda trial: trial.hparams[SEED])
+    accuracies = [metrics[row.trial_id].test.accuracy for row in rows]
     lines = [
         "## train: default small CNN on the digits sample",
         "",
@@ -63,14 +90,15 @@ def format_report(board: dict, wall_seconds: float, seeds: list[int], command: s
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        test, validation = metrics[row.trial_id].test, metrics[row.trial_id].validation
         lines.append(
-            f"| {row['hparams']['seed']} | {row['test']['accuracy']:.4f} | {row['test']['macro_f1']:.4f} | "
-            f"{row['validation']['accuracy']:.4f} | {row['epochs_run']} | {row['best_epoch']} | "
-            f"{row['train_seconds']:.0f} |"
+            f"| {row.hparams[SEED]} | {test.accuracy:.4f} | {test.macro_f1:.4f} | "
+            f"{validation.accuracy:.4f} | {row.epochs_run} | {row.best_epoch} | "
+            f"{row.train_seconds:.0f} |"
         )
     lines += [
         "",
-        f"- Test split of {rows[0]['test_count']} images: mean test accuracy "
+        f"- Test split of {metrics[rows[0].trial_id].test.count} images: mean test accuracy "
         f"{sum(accuracies) / len(accuracies):.4f}, min {min(accuracies):.4f} over seeds {seeds}; "
         f"quality bar (issue 3) >= {QUALITY_BAR}: "
         f"{'met' if min(accuracies) >= QUALITY_BAR else 'NOT met'} by every seed.",
@@ -79,9 +107,17 @@ def format_report(board: dict, wall_seconds: float, seeds: list[int], command: s
         "- Defaults (`model_lib.training.HParams`): 3 conv blocks (32/64/128 filters), 128-d embedding, Adam "
         "3e-3 with cosine decay, batch 64, up to 20 epochs with early stopping (patience 6 on validation "
         "accuracy, ties to lower loss), augmentation: 10% crop, 10% translation, 4% rotation, no flips.",
-        f"- Best trial: `{board['best_trial']}`, copied to `best/`.",
+        f"- Best trial: `{board.best_trial}`, {_publication_note(board)}.",
     ]
     return "\n".join(lines)
+
+
+def _publication_note(board: Leaderboard) -> str:
+    """What train did with ``best/``: published there (by its CURRENT pointer), or why not."""
+    publication = board.publication
+    if publication is None:
+        return "no publication decision recorded"
+    return "published to `best/`" if publication.published else f"not published to `best/` ({publication.reason})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,14 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(output_dir, ignore_errors=True)  # Fresh training, not a resume of an earlier run.
     spec = os.path.join(args.work_dir, "seeds.yaml")
     with open(spec, "w") as handle:
-        handle.write(f"grid:\n  seed: {seeds}\n")
+        handle.write(f"grid:\n  {SEED}: {seeds}\n")
     wall = _run(["train", "--dataset_dir", dataset_dir, "--output_dir", output_dir, "--trials", spec])
-    with open(os.path.join(output_dir, "trials.json")) as handle:
-        board = json.load(handle)
-    for row in board["trials"]:
-        row["test_count"] = ModelMetrics.read(row["model_dir"]).test.count
+    board = Leaderboard.read(output_dir)
+    metrics = trial_metrics(board)
     command = f"python -m benchmarks.train_digits --work_dir {args.work_dir} --seeds {args.seeds}"
-    report = format_report(board, wall, seeds, command)
+    report = format_report(board, metrics, wall, seeds, command)
     print(report)
     if not args.no_report:
         write_section("train", report)
