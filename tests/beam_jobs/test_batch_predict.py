@@ -214,7 +214,7 @@ def test_dataset_tfrecords_are_predicted_with_their_ids_and_sliced_by_split(
     trained_digits_model, digits_dataset, tmp_path
 ):
     records = {}
-    shards = glob.glob(os.path.join(digits_dataset.dataset_dir, "*.tfrecord.gz"))
+    shards = glob.glob(os.path.join(published_dir(digits_dataset.dataset_dir), "*.tfrecord.gz"))
     for raw in tf.data.TFRecordDataset(shards, compression_type="GZIP"):
         record = DATASET_RECORD.from_tf_example(raw.numpy())
         records[record["image_id"]] = record

@@ -20,6 +20,7 @@ from beam_jobs import extract_embeddings
 from model_lib import sample_data
 from schemas import model_artifacts
 from schemas.model_artifacts import ModelInfo
+from schemas.publication import published_dir
 from schemas.warehouse import RUNS_SUFFIX
 from transforms import sql_queries as sq
 from transforms.dead_letters import read_dead_letters
@@ -176,7 +177,7 @@ def test_dataset_input_carries_split_and_label_into_parquet(digits_dataset, trai
     from schemas import dataset, layout
     from schemas.dataset import DATASET_RECORD
 
-    pattern = layout.split_pattern(digits_dataset.dataset_dir, "test")
+    pattern = layout.split_pattern(published_dir(digits_dataset.dataset_dir), "test")
     expected = {}
     for record in tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), compression_type="GZIP"):
         parsed = DATASET_RECORD.from_tf_example(record.numpy())

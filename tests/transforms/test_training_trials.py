@@ -8,7 +8,8 @@ from apache_beam.testing.util import assert_that, equal_to, is_empty
 
 from model_lib.trials import TrialSpec
 from schemas.dead_letter import DeadLetter
-from transforms.training_trials import RUN_TRIAL_STAGE, RunTrials, TrialResult, leaderboard
+from schemas.leaderboard import FailedTrial, Leaderboard, TrialResult
+from transforms.training_trials import RUN_TRIAL_STAGE, RunTrials, leaderboard
 
 
 def _result(trial_id: str, accuracy: float, loss: float) -> TrialResult:
@@ -23,12 +24,14 @@ def test_leaderboard_ranks_by_metric_then_loss_then_id():
     results = [_result("c", 0.9, 0.30), _result("a", 0.9, 0.20), _result("b", 0.95, 0.50), _result("d", 0.9, 0.20)]
     failures = [DeadLetter("trial:z", RUN_TRIAL_STAGE, "diverged", "loss nan")]
     board = leaderboard(results, failures, "val_accuracy", "/out/best")
-    assert [row["trial_id"] for row in board["trials"]] == ["b", "a", "d", "c"]
-    assert board["best_trial"] == "b" and board["best_dir"] == "/out/best"
-    assert board["failed"] == [{"trial_id": "z", "error_type": "diverged", "message": "loss nan"}]
+    assert [row.trial_id for row in board.trials] == ["b", "a", "d", "c"]
+    assert board.best_trial == "b" and board.best_dir == "/out/best"
+    assert board.failed == [FailedTrial("z", "diverged", "loss nan")]
+    assert [row["rank"] for row in board.to_dict()["trials"]] == [1, 2, 3, 4]
+    assert Leaderboard.from_dict(board.to_dict()) == board
     by_loss = leaderboard(results, [], "val_loss", "/out/best")
-    assert [row["trial_id"] for row in by_loss["trials"]] == ["a", "d", "c", "b"]
-    assert leaderboard([], failures, "val_accuracy", "/out/best")["best_trial"] is None
+    assert [row.trial_id for row in by_loss.trials] == ["a", "d", "c", "b"]
+    assert leaderboard([], failures, "val_accuracy", "/out/best").best_trial is None
 
 
 def _reason(letter: DeadLetter) -> tuple[str, str, str]:
