@@ -49,6 +49,8 @@ _CHECKPOINTS_KEPT = 2
 _DIVERGENCE_FACTOR = 3.0
 _TRAIN_PHASE = 1
 _FINE_TUNE_PHASE = 2
+# HParams fields that shape the export, not the weights: they do not invalidate a checkpoint.
+_SERVING_HPARAMS = ("serving_uri_prefix", "serving_max_pixels")
 
 
 class InvalidHyperparameter(ValueError):
@@ -108,6 +110,12 @@ class HParams:
       flip, crop, translate, rotate, brightness, contrast: Augmentation
         (``augmentation.AugmentationConfig``).
       seed: Seeds weights, shuffling and augmentation.
+      serving_uri_prefix: Export the ``from_uris`` signature, reading only
+        URIs under this prefix (absolute path or gs://, ending with ``/``);
+        None (default) exports no file-reading signature. Not a training
+        choice: a resumed run with another value only re-exports.
+      serving_max_pixels: Per-image decoded-pixel limit of the serving
+        signatures (default that of the jobs' ``--max_pixels``).
     """
 
     arch: str = models.SMALL_CNN
@@ -133,6 +141,8 @@ class HParams:
     brightness: float = 0.0
     contrast: float = 0.0
     seed: int = 0
+    serving_uri_prefix: str | None = None
+    serving_max_pixels: int = export.DEFAULT_SERVING_MAX_PIXELS
 
     def __post_init__(self) -> None:
         _require(self.arch in models.ARCHITECTURES, "arch", self.arch, f"one of {models.ARCHITECTURES}")
@@ -162,6 +172,7 @@ class HParams:
         )
         try:
             self.augmentation_config()
+            export.validate_serving_options(self.serving_uri_prefix, self.serving_max_pixels)
         except ValueError as error:
             raise InvalidHyperparameter(str(error)) from error
 
@@ -410,7 +421,8 @@ class ResumableCheckpoint(keras.callbacks.Callback):
 
 
 def _signature(hparams: HParams, summary: input_pipeline.DatasetSummary) -> str:
-    return json.dumps({"hparams": hparams.to_dict(), "dataset": summary.fingerprint}, sort_keys=True)
+    training = {k: v for k, v in hparams.to_dict().items() if k not in _SERVING_HPARAMS}
+    return json.dumps({"hparams": training, "dataset": summary.fingerprint}, sort_keys=True)
 
 
 def _build(hparams: HParams, summary: input_pipeline.DatasetSummary) -> keras.Model:
@@ -591,6 +603,8 @@ def train_and_export(
         channels=summary.channels,
         dataset_fingerprint=summary.fingerprint,
         hyperparameters=hparams.to_dict(),
+        serving_uri_prefix=hparams.serving_uri_prefix,
+        serving_max_pixels=hparams.serving_max_pixels,
     )
     metrics["model_version"] = info.model_version
     evaluation.write_json(tf.io.gfile.join(output_dir, model_artifacts.METRICS_FILE), metrics)

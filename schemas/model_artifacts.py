@@ -3,8 +3,8 @@
 A model directory (``train``'s ``OUTPUT/best`` or ``OUTPUT/trials/<id>``) holds:
 
 - ``saved_model/``: a TF SavedModel whose signatures take raw encoded image
-  bytes (or local URIs) and run the same decode/resize and tf.Transform graph
-  as training;
+  bytes (or, only when exported with an allowlisted prefix, URIs) and run the
+  same decode/resize and tf.Transform graph as training;
 - ``model.keras``: the Keras model (without the tf.Transform layer);
 - ``model_info.json``: the fields of ``ModelInfo`` below;
 - ``metrics.json`` and PNG plots from evaluation.
@@ -28,7 +28,7 @@ TRIALS_LEADERBOARD_FILE = "trials.json"
 
 # Serving signatures.
 SERVING_SIGNATURE = "serving_default"  # input IMAGE_BYTES_INPUT: tf.string [batch]
-FROM_URIS_SIGNATURE = "from_uris"  # input URIS_INPUT: tf.string [batch]
+FROM_URIS_SIGNATURE = "from_uris"  # input URIS_INPUT: tf.string [batch]; opt-in, see ModelInfo
 IMAGE_BYTES_INPUT = "image_bytes"
 URIS_INPUT = "uris"
 
@@ -48,6 +48,12 @@ class ModelInfo:
     ``model_version`` is a hash of the weights, so two exports of the same
     weights share it and any retraining changes it; it travels with every
     prediction, embedding row and index built from the model.
+
+    ``serving_uri_prefix`` is None when the SavedModel has no
+    ``FROM_URIS_SIGNATURE`` (the default); otherwise that signature reads only
+    URIs under it. ``serving_max_pixels`` is the per-image decoded-pixel limit
+    both signatures enforce before decoding; None in files written before the
+    limit existed (their signatures have none).
     """
 
     architecture: str
@@ -58,6 +64,12 @@ class ModelInfo:
     model_version: str
     dataset_fingerprint: str
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    serving_uri_prefix: str | None = None
+    serving_max_pixels: int | None = None
+
+    @property
+    def has_from_uris(self) -> bool:
+        return self.serving_uri_prefix is not None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
