@@ -18,6 +18,8 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from schemas.publication import write_file_atomically
+
 SAVED_MODEL_DIR = "saved_model"
 KERAS_MODEL_FILE = "model.keras"
 MODEL_INFO_FILE = "model_info.json"
@@ -86,5 +88,5 @@ class ModelInfo:
             return cls.from_json(handle.read().decode("utf-8"))
 
     def write(self, model_dir: str) -> None:
-        with FileSystems.create(FileSystems.join(model_dir, MODEL_INFO_FILE)) as handle:
-            handle.write(self.to_json().encode("utf-8"))
+        """Writes ``model_dir/model_info.json`` whole or not at all."""
+        write_file_atomically(FileSystems.join(model_dir, MODEL_INFO_FILE), self.to_json().encode("utf-8"))
