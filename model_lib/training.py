@@ -32,8 +32,9 @@ import numpy as np
 import tensorflow as tf
 
 from model_lib import augmentation, evaluation, export, input_pipeline, models
-from schemas import model_artifacts
+from schemas.classification_metrics import ModelMetrics
 from schemas.model_artifacts import ModelInfo
+from schemas.publication import published_dir
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class TrainResult:
     Attributes:
       model_dir: The output directory (an exported model directory).
       model_info: The written model_info.json.
-      metrics: The written metrics.json (``validation`` and ``test`` sections).
+      metrics: The written metrics.json.
       initial_epoch: Epochs already done when this run started (> 0 after a resume).
       epochs_run: Epochs completed in total, including resumed ones.
       best_epoch: 1-based epoch whose weights were kept.
@@ -222,7 +223,7 @@ class TrainResult:
 
     model_dir: str
     model_info: ModelInfo
-    metrics: dict[str, Any]
+    metrics: ModelMetrics
     initial_epoch: int
     epochs_run: int
     best_epoch: int
@@ -230,7 +231,7 @@ class TrainResult:
 
     def selection_value(self, metric: str) -> float:
         """The value of a ``SELECTION_METRICS`` entry, from the validation evaluation."""
-        return float(self.metrics["validation"][metric.removeprefix("val_")])
+        return self.metrics.validation.value(metric.removeprefix("val_"))
 
 
 def choose_strategy() -> tf.distribute.Strategy:
@@ -510,8 +511,8 @@ def train_and_export(
     """Trains, evaluates and exports one model; resumes if ``output_dir`` has a checkpoint.
 
     Args:
-      dataset_dir: A create_dataset output directory (train and validation
-        splits required, test optional).
+      dataset_dir: A create_dataset output directory (its published run is
+        read; train and validation splits required, test optional).
       output_dir: Where checkpoints, logs and the exported model go.
       hparams: ``HParams`` or a dict of overrides of its defaults.
       callbacks: Extra Keras callbacks, run after the checkpointing one.
@@ -528,6 +529,7 @@ def train_and_export(
     """
     if not isinstance(hparams, HParams):
         hparams = HParams.from_dict(dict(hparams or {}))
+    dataset_dir = published_dir(dataset_dir)
     summary = input_pipeline.read_summary(dataset_dir)
     transform_output = input_pipeline.load_transform_output(dataset_dir)
     keras.utils.set_random_seed(hparams.seed)
@@ -575,23 +577,13 @@ def train_and_export(
                                               callbacks=all_callbacks, verbose=verbose))
     train_seconds = time.monotonic() - started
 
-    metrics: dict[str, Any] = {
-        "labels": summary.labels,
-        "validation": evaluation.evaluate(model, validation, summary.labels),
-        "epochs_run": checkpoint.epochs_done,
-        "best_epoch": checkpoint.best_epoch,
-        "initial_epoch": initial_epoch,
-        "train_seconds": round(train_seconds, 3),
-        "selection_metric": hparams.selection_metric,
-        "replicas": strategy.num_replicas_in_sync,
-        "global_batch_size": global_batch,
-        HISTORY_KEY: checkpoint.history,
-    }
+    validation_metrics = evaluation.evaluate(model, validation, summary.labels)
+    test_metrics = None
     if summary.test_split and input_pipeline.has_split(dataset_dir, summary.test_split):
         test = input_pipeline.make_dataset(
             summary, summary.test_split, transform, batch_size=global_batch, training=False
         )
-        metrics["test"] = evaluation.evaluate(model, test, summary.labels)
+        test_metrics = evaluation.evaluate(model, test, summary.labels)
 
     info = export.export_model(
         model,
@@ -606,13 +598,25 @@ def train_and_export(
         serving_uri_prefix=hparams.serving_uri_prefix,
         serving_max_pixels=hparams.serving_max_pixels,
     )
-    metrics["model_version"] = info.model_version
-    evaluation.write_json(tf.io.gfile.join(output_dir, model_artifacts.METRICS_FILE), metrics)
+    metrics = ModelMetrics(
+        model_version=info.model_version,
+        selection_metric=hparams.selection_metric,
+        validation=validation_metrics,
+        test=test_metrics,
+        epochs_run=checkpoint.epochs_done,
+        best_epoch=checkpoint.best_epoch,
+        initial_epoch=initial_epoch,
+        train_seconds=round(train_seconds, 3),
+        replicas=strategy.num_replicas_in_sync,
+        global_batch_size=global_batch,
+        history=checkpoint.history,
+    )
+    metrics.write(output_dir)
     evaluation.plot_training_curves(checkpoint.history, tf.io.gfile.join(output_dir, evaluation.TRAINING_CURVES_PLOT))
-    shown = metrics.get("test", metrics["validation"])
+    shown_split, shown = ("test", test_metrics) if test_metrics else ("validation", validation_metrics)
     evaluation.plot_confusion_matrix(
-        shown["confusion_matrix"], summary.labels, tf.io.gfile.join(output_dir, evaluation.CONFUSION_MATRIX_PLOT),
-        title=f"{'test' if 'test' in metrics else 'validation'} split, accuracy {shown['accuracy']:.3f}",
+        shown.confusion_matrix, shown.labels, tf.io.gfile.join(output_dir, evaluation.CONFUSION_MATRIX_PLOT),
+        title=f"{shown_split} split, accuracy {shown.accuracy:.3f}",
     )
     return TrainResult(
         model_dir=output_dir,
