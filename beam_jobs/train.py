@@ -63,6 +63,8 @@ HPARAM_FLAGS: dict[str, type] = {
     "fine_tune_learning_rate": float,
     "early_stopping_patience": int,
     "seed": int,
+    "serving_uri_prefix": str,
+    "serving_max_pixels": int,
 }
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 from schemas import dataset, layout
+from schemas.publication import published_dir
 
 
 def split_files(dataset_dir: str, split: str) -> list[str]:
-    """The sorted shard files of one split (empty list when the split is empty)."""
-    return sorted(tf.io.gfile.glob(layout.split_pattern(dataset_dir, split)))
+    """The sorted shard files of one split of a dataset's published run (empty list when the split is empty)."""
+    return sorted(tf.io.gfile.glob(layout.split_pattern(published_dir(dataset_dir), split)))
 
 
 def read_dataset(

@@ -19,6 +19,7 @@ import tensorflow_transform as tft
 from model_lib import dataset_io, preprocessing
 from schemas import dataset, layout
 from schemas.dataset_info import DatasetInfo
+from schemas.publication import published_dir
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -76,9 +77,12 @@ class DatasetSummary:
 def read_summary(dataset_dir: str) -> DatasetSummary:
     """Reads dataset_info.json (``schemas.dataset_info.DatasetInfo``) and labels.txt of a create_dataset output.
 
+    ``dataset_dir`` is resolved to its published run, which the summary names.
+
     Raises:
       FileNotFoundError: when ``dataset_dir`` is not a create_dataset output.
     """
+    dataset_dir = published_dir(dataset_dir)
     info_path = layout.join(dataset_dir, layout.DATASET_INFO_FILE)
     labels_path = layout.join(dataset_dir, layout.LABELS_FILE)
     for path in (info_path, labels_path):
@@ -100,8 +104,8 @@ def read_summary(dataset_dir: str) -> DatasetSummary:
 
 
 def load_transform_output(dataset_dir: str) -> tft.TFTransformOutput:
-    """The tf.Transform output (``transform_fn/``, ``transformed_metadata/``) of a dataset."""
-    return tft.TFTransformOutput(dataset_dir)
+    """The tf.Transform output (``transform_fn/``, ``transformed_metadata/``) of a dataset's published run."""
+    return tft.TFTransformOutput(published_dir(dataset_dir))
 
 
 def has_split(dataset_dir: str, split: str) -> bool:

@@ -18,6 +18,7 @@ from PIL import Image
 from model_lib import export, image_ops, input_pipeline, preprocessing, training
 from model_lib.dataset_io import read_dataset, split_files
 from schemas import dataset, model_artifacts
+from schemas.classification_metrics import ModelMetrics
 from schemas.model_artifacts import ModelInfo
 from transforms.images import ImageSpec
 
@@ -166,8 +167,7 @@ def test_serving_classifies_stored_test_images_like_the_evaluation(trained_digit
         outputs = signature(**{model_artifacts.IMAGE_BYTES_INPUT: batch[dataset.IMAGE]})
         correct += int(np.sum(outputs[model_artifacts.OUTPUT_LABEL].numpy() == batch[dataset.LABEL].numpy()))
         total += len(batch[dataset.LABEL])
-    with open(os.path.join(trained_digits_model, model_artifacts.METRICS_FILE)) as handle:
-        assert correct / total == pytest.approx(json.load(handle)["test"]["accuracy"])
+    assert correct / total == pytest.approx(ModelMetrics.read(trained_digits_model).test.accuracy)
 
 
 def test_signatures_declare_the_contract(uri_model):
