@@ -42,7 +42,7 @@ import logging
 import sys
 from typing import Any, Literal
 
-from transforms.sql_queries import (
+from retrieval.sql_queries import (
     DEFAULT_MAXIMUM_BYTES_BILLED,
     MODEL_VERSION_PARAM,
     NAMED_QUERIES,

@@ -27,7 +27,7 @@ batch_predict reuses ``WriteToWarehouse`` with the prediction record.
   ``WarehouseLockedError``.
 
 Appending the same images again (a rerun) adds rows; readers see the newest
-row per ``(image_id, model_version)`` (``transforms.sql_queries.latest_rows_sql``).
+row per ``(image_id, model_version)`` (``retrieval.sql_queries.latest_rows_sql``).
 """
 
 from __future__ import annotations

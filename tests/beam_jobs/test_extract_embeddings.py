@@ -18,11 +18,11 @@ import tensorflow as tf
 
 from beam_jobs import extract_embeddings
 from model_lib import sample_data
+from retrieval import sql_queries as sq
 from schemas import model_artifacts
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import published_dir
 from schemas.warehouse import RUNS_SUFFIX
-from transforms import sql_queries as sq
 from transforms.dead_letters import read_dead_letters
 from transforms.splitting import image_id_for_uri
 

@@ -11,8 +11,8 @@ import pytest
 
 from beam_jobs import cli
 from beam_jobs import sql as sql_job
+from retrieval import sql_queries as sq
 from tests.fixtures import warehouses as wh
-from transforms import sql_queries as sq
 
 
 def _run_cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:

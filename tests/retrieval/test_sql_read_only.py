@@ -7,8 +7,8 @@ from typing import Iterator
 
 import pytest
 
+from retrieval import sql_queries as sq
 from tests.fixtures import warehouses as wh
-from transforms import sql_queries as sq
 
 
 @pytest.fixture()

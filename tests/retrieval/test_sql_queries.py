@@ -9,8 +9,8 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
+from retrieval import sql_queries as sq
 from tests.fixtures import warehouses as wh
-from transforms import sql_queries as sq
 
 V1_VECTOR = ",".join(["0.5"] * 16)
 
