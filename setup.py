@@ -32,6 +32,12 @@ TEST_REQUIREMENTS = [
     "bqemulator==1.4.0",
 ]
 
+# benchmarks/index.py compares the ScaNN index with these; the jobs never import them.
+BENCH_REQUIREMENTS = [
+    "faiss-cpu==1.15.1",
+    "hnswlib==0.8.0",
+]
+
 setup(
     name="vision-pipelines",
     version="0.1.0",
@@ -41,6 +47,6 @@ setup(
                                     "model_lib", "model_lib.*", "schemas", "schemas.*",
                                     "retrieval", "retrieval.*"]),
     install_requires=RUNTIME_REQUIREMENTS,
-    extras_require={"test": TEST_REQUIREMENTS},
+    extras_require={"test": TEST_REQUIREMENTS, "bench": BENCH_REQUIREMENTS},
     entry_points={"console_scripts": ["vision-pipelines=beam_jobs.cli:main"]},
 )
