@@ -24,6 +24,8 @@ WarehouseKind = Literal["bigquery", "duckdb", "parquet"]
 WAREHOUSE_KINDS: tuple[WarehouseKind, ...] = ("bigquery", "duckdb", "parquet")
 WriteDisposition = Literal["append", "truncate"]
 WRITE_DISPOSITIONS: tuple[WriteDisposition, ...] = ("append", "truncate")
+PARQUET_SUFFIX = ".parquet"
+STAGING_SUFFIX = ".staging"  # DuckDB file PATH -> Parquet shards waiting to be loaded under PATH.staging/
 RUNS_SUFFIX = ".runs"  # DuckDB file PATH -> per-run artifacts under PATH.runs/
 PARQUET_RUNS_DIR = "_runs"  # Parquet root DIR -> per-run artifacts under DIR/_runs/ (no table reads it)
 
@@ -151,3 +153,33 @@ def run_artifacts_root(warehouse: WarehouseUri) -> str | None:
     if warehouse.kind == "parquet":
         return f"{warehouse.location.rstrip('/')}/{PARQUET_RUNS_DIR}"
     return None
+
+
+# Paths shared by the warehouse writer (transforms.warehouse) and the readers
+# (transforms.warehouse_read, retrieval.sql_queries), so both always mean the same files.
+
+
+def parquet_table_dir(warehouse: WarehouseUri) -> str:
+    """Directory holding a Parquet warehouse table's files."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.join(warehouse.location, warehouse.table)
+
+
+def parquet_table_glob(warehouse: WarehouseUri) -> str:
+    """Glob matching every file of a Parquet warehouse table."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.join(parquet_table_dir(warehouse), f"*{PARQUET_SUFFIX}")
+
+
+def duckdb_staging_dir(warehouse: WarehouseUri) -> str:
+    """Where a DuckDB warehouse's Parquet shards wait to be loaded."""
+    return f"{warehouse.location}{STAGING_SUFFIX}"
+
+
+def list_table_files(table_glob: str) -> list[str]:
+    """The files a table glob matches now (none when its directory does not exist yet)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return sorted(m.path for m in FileSystems.match([table_glob])[0].metadata_list)

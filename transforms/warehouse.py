@@ -46,13 +46,22 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from schemas.embedding import EMBEDDINGS_TABLE
 from schemas.fields import RecordSchema
-from schemas.warehouse import WRITE_DISPOSITIONS, TableSpec, WarehouseUri, WriteDisposition, parse_warehouse_uri
+from schemas.warehouse import (
+    PARQUET_SUFFIX,
+    WRITE_DISPOSITIONS,
+    TableSpec,
+    WarehouseUri,
+    WriteDisposition,
+    duckdb_staging_dir,
+    list_table_files,
+    parquet_table_dir,
+    parquet_table_glob,
+    parse_warehouse_uri,
+)
 from transforms.dead_letters import METRICS_NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
-PARQUET_SUFFIX = ".parquet"
-STAGING_SUFFIX = ".staging"
 DEFAULT_DUCKDB_LOCK_TIMEOUT_S = 120.0  # Long enough for an interactive sql session to finish its query.
 _LOCK_RETRY_FIRST_S = 0.1
 _LOCK_RETRY_MAX_S = 5.0
@@ -60,21 +69,6 @@ _LOCK_RETRY_MAX_S = 5.0
 
 class WarehouseLockedError(RuntimeError):
     """The DuckDB warehouse file stayed locked by another process for the whole wait."""
-
-
-def parquet_table_dir(warehouse: WarehouseUri) -> str:
-    """Directory holding a Parquet warehouse table's files."""
-    return FileSystems.join(warehouse.location, warehouse.table)
-
-
-def parquet_table_glob(warehouse: WarehouseUri) -> str:
-    """Glob matching every file of a Parquet warehouse table."""
-    return FileSystems.join(parquet_table_dir(warehouse), f"*{PARQUET_SUFFIX}")
-
-
-def duckdb_staging_dir(warehouse: WarehouseUri) -> str:
-    """Where a DuckDB warehouse's Parquet shards wait to be loaded."""
-    return f"{warehouse.location}{STAGING_SUFFIX}"
 
 
 def _new_run_token() -> str:
@@ -143,11 +137,6 @@ class CheckRowsFn(beam.DoFn):
     def process(self, row: dict[str, Any]) -> Iterable[dict[str, Any]]:
         self._rows.inc()
         yield check_row(row, self._record)
-
-
-def list_table_files(table_glob: str) -> list[str]:
-    """The files a table glob matches now (none when its directory does not exist yet)."""
-    return sorted(m.path for m in FileSystems.match([table_glob])[0].metadata_list)
 
 
 class DeleteStaleFilesFn(beam.DoFn):

@@ -20,15 +20,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from schemas.embedding import EMBEDDING_RECORD, EMBEDDINGS_TABLE
-from schemas.warehouse import parse_warehouse_uri
+from schemas.warehouse import duckdb_staging_dir, parquet_table_glob, parse_warehouse_uri
 from tests.fixtures import warehouses as wh
-from transforms.warehouse import (
-    WriteEmbeddings,
-    check_row,
-    duckdb_staging_dir,
-    parquet_table_glob,
-    to_bigquery_row,
-)
+from transforms.warehouse import WriteEmbeddings, check_row, to_bigquery_row
 
 MULTI_PROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
