@@ -1,0 +1,344 @@
+"""Benchmark: how the jobs scale with the number of images (time, throughput, memory).
+
+create_dataset runs on growing subsets of one set of small synthetic JPEGs
+(64x64 drawn shapes, stored at 64x64), with the in-process FnApiRunner and with
+two worker processes (``--direct_running_mode=multi_processing
+--direct_num_workers=2``). Then, on the largest subset, batch_predict and
+extract_embeddings run with an untrained small CNN (64x64 input, 128-d
+embedding; untrained weights cost the same to run), next to raw TensorFlow
+computing the same embeddings on ``tf.data`` batches (the ceiling).
+
+Every measurement is a fresh process. Wall time includes interpreter start,
+imports and pipeline construction; peak RSS is the largest sum of the resident
+memory of the job's whole process tree (the job and every worker process it
+starts), sampled from /proc every 0.2 s.
+
+Run:
+  nice -n 10 python -m benchmarks.scale --counts 500,5000,50000,100000 --work_dir /tmp/bench_scale
+It writes docs/scale.png, the ``scale`` section of docs/benchmarks.md and
+``WORK_DIR/scale_results.json`` (what docs/scaling.md derives its figures from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+IMAGE_SIZE = 64
+CREATE_MODES = {
+    "in-process": [],
+    "multi-process x2": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+}
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+_SAMPLE_S = 0.2
+
+
+def cpu_description() -> str:
+    """The CPU model and its widest vector extensions, from /proc/cpuinfo."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} cores ({', '.join(vector) or 'no AVX2'})"
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants, read from /proc."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                stat = handle.read()
+            with open(f"/proc/{name}/statm") as handle:
+                resident = int(handle.read().split()[1]) * _PAGE_BYTES
+        except (OSError, IndexError, ValueError):
+            continue  # The process ended while we looked.
+        fields = stat.rsplit(")", 1)[1].split()
+        parents[int(name)] = int(fields[1])
+        rss[int(name)] = resident
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
+def measure(command: list[str], log_path: str) -> dict[str, float]:
+    """Runs ``command``; returns its wall seconds and the peak RSS (MiB) of its process tree."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        peak = [0]
+
+        def sample() -> None:
+            while process.poll() is None:
+                peak[0] = max(peak[0], _tree_rss_bytes(process.pid))
+                time.sleep(_SAMPLE_S)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        returncode = process.wait()
+        sampler.join()
+    wall = time.perf_counter() - start
+    if returncode != 0:
+        with open(log_path) as log:
+            raise RuntimeError(f"{command[:4]} failed (exit {returncode}):\n{log.read()[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mib": peak[0] / 2**20}
+
+
+def prepare_images(work_dir: str, counts: list[int]) -> dict[int, str]:
+    """Writes max(counts) synthetic JPEGs once (cached) and one manifest per count (its first N rows)."""
+    from model_lib import sample_data
+
+    data_dir = os.path.join(work_dir, f"synthetic_{max(counts)}_{IMAGE_SIZE}px")
+    manifest = os.path.join(data_dir, sample_data.MANIFEST_FILE)
+    if not os.path.exists(manifest):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        sample_data.write_synthetic(data_dir, count=max(counts), size=IMAGE_SIZE, image_format="jpeg")
+    with open(manifest) as handle:
+        rows = [line for line in handle if line.strip()]
+    manifests = {}
+    for count in counts:
+        path = os.path.join(work_dir, f"manifest_{count}.csv")
+        with open(path, "w") as handle:
+            handle.writelines(rows[:count])
+        manifests[count] = path
+    return manifests
+
+
+def create_dataset_command(manifest: str, output_dir: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "beam_jobs.create_dataset", "--manifest", manifest, "--output_dir", output_dir,
+            "--image_size", str(IMAGE_SIZE), *extra]
+
+
+def export_model(dataset_dir: str, model_dir: str) -> None:
+    """Exports an untrained small CNN with the dataset's transform, as train would."""
+    import tensorflow_transform as tft
+
+    from model_lib import export as model_export
+    from model_lib import models, sample_data
+    from schemas.publication import published_dir
+
+    labels = sorted(sample_data.SHAPES)
+    model = models.build_model("small_cnn", input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), num_classes=len(labels))
+    model_export.export_model(
+        model, model_dir=model_dir, transform_output=tft.TFTransformOutput(published_dir(dataset_dir)),
+        labels=labels, architecture="small_cnn", image_size=IMAGE_SIZE, channels=3,
+        dataset_fingerprint="benchmark", hyperparameters={},
+    )
+
+
+def raw_tf_embeddings(model_dir: str, manifest: str, output: str, batch_size: int = 64) -> int:
+    """The SavedModel's embedding output on tf.data batches of file bytes, saved as one .npy: no Beam."""
+    import numpy as np
+    import tensorflow as tf
+
+    from schemas import model_artifacts
+    from schemas.publication import published_dir
+
+    signature = tf.saved_model.load(
+        os.path.join(published_dir(model_dir), model_artifacts.SAVED_MODEL_DIR)
+    ).signatures[model_artifacts.SERVING_SIGNATURE]
+    with open(manifest) as handle:
+        uris = [line.split(",")[0] for line in handle.read().splitlines() if line]
+    batches = (
+        tf.data.Dataset.from_tensor_slices(uris)
+        .map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    embeddings = [signature(**{model_artifacts.IMAGE_BYTES_INPUT: batch})[model_artifacts.OUTPUT_EMBEDDING].numpy()
+                  for batch in batches]
+    stacked = np.concatenate(embeddings)
+    np.save(output, stacked)
+    return int(stacked.shape[0])
+
+
+def _module(name: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", name, *args]
+
+
+def run_create_dataset(work_dir: str, manifests: dict[int, str], results: list[dict[str, Any]]) -> str:
+    """create_dataset at every count and mode; returns the dataset directory of the largest in-process run."""
+    largest = max(manifests)
+    kept = os.path.join(work_dir, "dataset_largest")
+    for count, manifest in sorted(manifests.items()):
+        for mode, extra in CREATE_MODES.items():
+            output_dir = os.path.join(work_dir, "out", "create_dataset")
+            shutil.rmtree(output_dir, ignore_errors=True)
+            measured = measure(create_dataset_command(manifest, output_dir, extra),
+                               os.path.join(work_dir, f"create_dataset_{count}_{mode.replace(' ', '_')}.log"))
+            row = {"job": "create_dataset", "mode": mode, "images": count, **measured}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            if count == largest and mode == "in-process":
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.move(output_dir, kept)
+    return kept
+
+
+def run_inference(work_dir: str, dataset_dir: str, manifest: str, count: int,
+                  results: list[dict[str, Any]]) -> None:
+    """batch_predict, extract_embeddings and raw TF embeddings on the same images with the same model."""
+    model_dir = os.path.join(work_dir, "model_small_cnn_64")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    subprocess.run(_module("benchmarks.scale", "--export", "--dataset_dir", dataset_dir, "--model_dir", model_dir),
+                   check=True, capture_output=True)
+    from schemas.publication import published_dir
+
+    served = published_dir(model_dir)
+    out = os.path.join(work_dir, "out")
+    runs = {
+        "raw_tf_embeddings": _module("benchmarks.scale", "--raw_tf", "--model_dir", model_dir, "--manifest",
+                                     manifest, "--output", os.path.join(out, "raw_tf_embeddings.npy")),
+        "extract_embeddings": _module("beam_jobs.extract_embeddings", "--model_dir", served, "--input", manifest,
+                                      "--warehouse", f"parquet:{os.path.join(out, 'warehouse')}"),
+        "batch_predict": _module("beam_jobs.batch_predict", "--model_dir", served, "--input", manifest,
+                                 "--output", os.path.join(out, "predictions")),
+    }
+    for job, command in runs.items():
+        shutil.rmtree(out, ignore_errors=True)  # Every job writes into a fresh directory: nothing to --overwrite.
+        os.makedirs(out)
+        measured = measure(command, os.path.join(work_dir, f"{job}_{count}.log"))
+        row = {"job": job, "mode": "in-process", "images": count, **measured}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    """Wall time and peak RSS against the number of images, one line per create_dataset mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in CREATE_MODES:
+        rows = sorted((r for r in results if r["job"] == "create_dataset" and r["mode"] == mode),
+                      key=lambda r: r["images"])
+        counts = [r["images"] for r in rows]
+        left.plot(counts, [r["wall_s"] for r in rows], marker="o", label=mode)
+        right.plot(counts, [r["peak_rss_mib"] / 1024 for r in rows], marker="o", label=mode)
+    for axis, label in ((left, "wall time (s)"), (right, "peak RSS of the process tree (GiB)")):
+        axis.set_xscale("log")
+        axis.set_xlabel(f"images ({IMAGE_SIZE}x{IMAGE_SIZE} JPEG)")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    right.set_ylim(bottom=0)
+    left.set_yscale("log")
+    figure.suptitle("create_dataset: time grows linearly, memory stays flat")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def report(results: list[dict[str, Any]], command: str, shared: bool) -> str:
+    lines = [
+        f"## Scale: create_dataset, batch_predict and extract_embeddings up to {max(r['images'] for r in results):,}"
+        f" images ({IMAGE_SIZE}x{IMAGE_SIZE} JPEG)",
+        "",
+        f"Command: `{command}`",
+        f"Machine: {cpu_description()}, Python {platform.python_version()}, no GPU"
+        + ("; shared with other agents' tests while it ran (compare rows within this table only)." if shared else "."),
+        "",
+        "| job | mode | images | wall s | images/s | marginal images/s | peak RSS MiB (process tree) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    previous: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in results:
+        key = (row["job"], row["mode"])
+        before = previous.get(key)
+        added_s = 0.0 if before is None else row["wall_s"] - before["wall_s"]
+        marginal = f"{(row['images'] - before['images']) / added_s:.0f}" if before and added_s > 0 else ""
+        previous[key] = row
+        lines.append(f"| {row['job']} | {row['mode']} | {row['images']:,} | {row['wall_s']:.1f} | "
+                     f"{row['images'] / row['wall_s']:.0f} | {marginal} | {row['peak_rss_mib']:.0f} |")
+    raw = next((r for r in results if r["job"] == "raw_tf_embeddings"), None)
+    job = next((r for r in results if r["job"] == "extract_embeddings"), None)
+    lines += [
+        "",
+        "- Wall time is the whole process (interpreter, imports, pipeline construction, run, publish). "
+        "Marginal images/s = images added / seconds added against the previous size: the rate without fixed "
+        "start-up cost. Peak RSS sums every process of the job's tree (multi-process workers included).",
+        f"- create_dataset stores {IMAGE_SIZE}x{IMAGE_SIZE} JPEG (quality 90) with tf.Transform analysis of the "
+        "train split (the default). Inference: untrained small CNN, 64x64 input, 128-d embedding, default flags.",
+    ]
+    if raw and job:
+        lines.append(f"- extract_embeddings vs raw TF embeddings on the same images and model: "
+                     f"{raw['wall_s'] / job['wall_s']:.2f}x (wall time, both whole processes; target >= 0.8x).")
+    lines.append("- Plot: [scale.png](scale.png).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", default="500,5000,50000,100000")
+    parser.add_argument("--work_dir", default="/tmp/bench_scale")
+    parser.add_argument("--skip_inference", action="store_true", help="Only create_dataset.")
+    parser.add_argument("--shared_machine", action="store_true", help="Say in the report that others used the CPU.")
+    parser.add_argument("--no_report", action="store_true", help="Print only; leave docs/ alone.")
+    parser.add_argument("--from_results", default=None,
+                        help="Only rewrite the report and plot from a scale_results.json of an earlier run.")
+    # Internal: one export or one raw TF run in a fresh process.
+    parser.add_argument("--export", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw_tf", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dataset_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--model_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.export:
+        export_model(args.dataset_dir, args.model_dir)
+        return 0
+    if args.raw_tf:
+        print(raw_tf_embeddings(args.model_dir, args.manifest, args.output))
+        return 0
+    command = "nice -n 10 python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.from_results:
+        with open(args.from_results) as handle:
+            saved = json.load(handle)
+        results, command = saved["results"], saved["command"]
+    else:
+        counts = sorted(int(c) for c in args.counts.split(","))
+        os.makedirs(args.work_dir, exist_ok=True)
+        manifests = prepare_images(args.work_dir, counts)
+        results = []
+        dataset_dir = run_create_dataset(args.work_dir, manifests, results)
+        if not args.skip_inference:
+            run_inference(args.work_dir, dataset_dir, manifests[max(counts)], max(counts), results)
+        with open(os.path.join(args.work_dir, "scale_results.json"), "w") as handle:
+            json.dump({"cpu": cpu_description(), "command": command.replace(" --no_report", ""), "results": results},
+                      handle, indent=1)
+    body = report(results, command.strip(), args.shared_machine)
+    print(body)
+    if not args.no_report:
+        from benchmarks.report import BENCHMARKS_DOC, write_section
+
+        plot(results, os.path.join(os.path.dirname(BENCHMARKS_DOC), "scale.png"))
+        write_section("scale", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
