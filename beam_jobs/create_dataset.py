@@ -29,7 +29,6 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from model_lib.preprocessing import make_preprocessing_fn
 from schemas import dataset, layout
 from schemas.dataset_info import DatasetInfo
 from schemas.publication import OutputExistsError, OutputRun, published_dir
@@ -42,7 +41,6 @@ from transforms.labeling import AssignLabelIndices, DeriveVocabulary, ResolveLab
 from transforms.manifests import ReadCsvRows, expand_patterns
 from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.splitting import SplitSpec
-from transforms.tft_analysis import AnalyzeAndWriteTransform
 
 TFT_TEMP_DIR = "tft_temp"
 
@@ -229,6 +227,11 @@ class CreateDataset(beam.PTransform):
                 layout.join(output_dir, layout.LABELS_FILE), num_shards=1, shard_name_template="")
         )
         if config.analyze:
+            # Imported here, not at the top: TensorFlow and tf.Transform cost ~6-10 s of import (and TF's
+            # own __init__ imports Keras); --help, flag errors and --skip_analysis runs never need them.
+            from model_lib.preprocessing import make_preprocessing_fn
+            from transforms.tft_analysis import AnalyzeAndWriteTransform
+
             spec = config.image_spec
             _ = by_split[config.split_spec.names[0]] | "AnalyzeTrainSplit" >> AnalyzeAndWriteTransform(
                 output_dir,
