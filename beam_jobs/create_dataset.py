@@ -30,7 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from schemas import dataset, layout
-from schemas.dataset_info import DatasetInfo
+from schemas.dataset_info import DatasetInfo, DatasetWarning
 from schemas.publication import OutputExistsError, OutputRun, published_dir
 from transforms.dataset_records import BuildRecords, DedupeByContent, LoadImages
 from transforms.dataset_summary import WriteDatasetInfo
@@ -84,6 +84,9 @@ class CreateDatasetOptions(PipelineOptions):
         parser.add_argument("--num_shards", type=int, default=0, help="Shards per split; 0 = automatic.")
         parser.add_argument("--skip_analysis", action="store_true",
                             help="Do not run tf.Transform analysis (no transform_fn/ is written).")
+        parser.add_argument("--strict", action="store_true",
+                            help="Fail, publishing nothing, when the dataset has warnings (an empty split, a label "
+                                 "missing from train, a label with too few images, a dataset too small for its split).")
         parser.add_argument("--overwrite", action="store_true",
                             help="Replace a non-empty --output_dir; the current dataset stays readable until "
                                  "the new one is complete.")
@@ -105,6 +108,7 @@ class CreateDatasetConfig:
     num_shards: int
     analyze: bool
     overwrite: bool
+    strict: bool = False
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "CreateDatasetConfig":
@@ -138,6 +142,7 @@ class CreateDatasetConfig:
             num_shards=flags.num_shards,
             analyze=not flags.skip_analysis,
             overwrite=flags.overwrite,
+            strict=flags.strict,
         )
 
     def tft_temp_dir(self, run: OutputRun) -> str:
@@ -160,6 +165,14 @@ class CreateDatasetConfig:
             "num_shards": self.num_shards,
             "package_version": package_version(),
         }
+
+
+class DatasetWarningsError(RuntimeError):
+    """``--strict`` and the finished dataset has warnings: nothing was published."""
+
+    def __init__(self, warnings: list[DatasetWarning]):
+        super().__init__(f"{len(warnings)} dataset warning(s) with --strict; nothing was published")
+        self.warnings = warnings
 
 
 def read_labels_file(path: str) -> list[str]:
@@ -265,6 +278,8 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
 
     Raises:
       OutputExistsError: ``--output_dir`` is not empty and ``--overwrite`` was not given.
+      DatasetWarningsError: ``--strict`` and the dataset has warnings (the run is removed, the
+        previously published dataset stays current).
     """
     options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=CreateDatasetOptions)
     config = CreateDatasetConfig.from_options(options)
@@ -276,6 +291,9 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
         _ = pipeline | "CreateDataset" >> CreateDataset(config, output.run_dir, temp_dir)
         result = pipeline.run()
         result.wait_until_finish()
+        warnings = DatasetInfo.read(output.run_dir).warnings
+        if config.strict and warnings:
+            raise DatasetWarningsError(warnings)
     except BaseException:
         output.abandon()
         raise
@@ -306,7 +324,12 @@ def format_summary(info: DatasetInfo) -> str:
     for reason, count in sorted(info.rejected_ratings.items()):
         lines.append(f"  rejected rating rows {reason}: {count}")
     lines.append(f"  fingerprint {info.fingerprint[:16]}...")
+    lines.extend(format_warning(warning) for warning in info.warnings)
     return "\n".join(lines)
+
+
+def format_warning(warning: DatasetWarning) -> str:
+    return f"warning [{warning.code}]: {warning.message}"
 
 
 def report_summary(info: DatasetInfo) -> int:
@@ -334,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         run(argv)
     except OutputExistsError as error:  # Checked when the run starts, before the pipeline is built.
         return report_usage_error("create-dataset", error)
+    except DatasetWarningsError as error:
+        for warning in error.warnings:
+            print(format_warning(warning), file=sys.stderr)
+        print(f"vision-pipelines create-dataset: error: {error}", file=sys.stderr)
+        return 1
     return report_summary(read_dataset_info(published_dir(output_dir)))
 
 

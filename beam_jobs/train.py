@@ -38,10 +38,17 @@ from apache_beam.runners.runner import PipelineResult
 
 from model_lib.trials import TrialSpec, load_trials
 from schemas import layout
+from schemas.dataset_info import DatasetInfo
 from schemas.leaderboard import Leaderboard
 from schemas.publication import published_dir
+from transforms.dataset_checks import trainability_problem
 from transforms.dead_letters import WriteDeadLetters
-from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
+from transforms.runner_policy import (
+    UnusableInputError,
+    make_pipeline_options,
+    report_usage_error,
+    tolerate_shared_flags,
+)
 from transforms.training_trials import PublishBestTrial, RunTrials
 
 _LOGGER = logging.getLogger(__name__)
@@ -108,9 +115,7 @@ class TrainConfig:
             if not getattr(flags, name):
                 raise ValueError(f"--{name} is required")
         dataset_dir = published_dir(flags.dataset_dir)
-        if not FileSystems.exists(FileSystems.join(dataset_dir, layout.DATASET_INFO_FILE)):
-            raise ValueError(f"--dataset_dir {flags.dataset_dir} is not a create_dataset output "
-                             f"(no {layout.DATASET_INFO_FILE})")
+        check_trainable(flags.dataset_dir, dataset_dir)
         overrides = {name: getattr(flags, name) for name in HPARAM_FLAGS if getattr(flags, name) is not None}
         check_hparam_flags(overrides)
         hints = {"accelerator": flags.trial_accelerator, "min_ram": flags.trial_min_ram}
@@ -122,6 +127,26 @@ class TrainConfig:
             resource_hints={k: v for k, v in hints.items() if v},
             force_publish=flags.force_publish,
         )
+
+
+def check_trainable(named_dir: str, dataset_dir: str) -> None:
+    """Refuses, before any model is built, a dataset that no trial could train on.
+
+    Args:
+      named_dir: ``--dataset_dir`` as the user gave it (for the message).
+      dataset_dir: Its published run.
+
+    Raises:
+      UnusableInputError: Not a create_dataset output, an empty train or
+        validation split, fewer than two labels in train, or no transform_fn/.
+    """
+    if not FileSystems.exists(layout.join(dataset_dir, layout.DATASET_INFO_FILE)):
+        raise UnusableInputError(f"--dataset_dir {named_dir} is not a create_dataset output "
+                                 f"(no {layout.DATASET_INFO_FILE})")
+    has_transform_fn = FileSystems.exists(layout.join(dataset_dir, layout.TRANSFORM_FN_DIR))
+    problem = trainability_problem(DatasetInfo.read(dataset_dir), named_dir, has_transform_fn)
+    if problem:
+        raise UnusableInputError(problem)
 
 
 def check_hparam_flags(overrides: dict[str, Any]) -> None:
@@ -184,7 +209,8 @@ def format_summary(board: Leaderboard) -> str:
     lines = [f"{len(board.trials)} trial(s) succeeded, {len(board.failed)} failed; ranked by {board.selection_metric}"]
     for rank, row in enumerate(board.trials, start=1):
         test = row.test
-        test_text = f"test accuracy {test['accuracy']:.4f} macro_f1 {test['macro_f1']:.4f}" if test else "no test split"
+        test_text = (f"test accuracy {test['accuracy']:.4f} macro_f1 {test['macro_f1']:.4f}" if test
+                     else "no test metrics (empty test split)")
         lines.append(
             f"  #{rank} {row.trial_id:<24} {row.hparams['arch']:<16} "
             f"val accuracy {row.validation['accuracy']:.4f} loss {row.validation['loss']:.4f}  "
@@ -207,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
       0, or 1 when no trial succeeded or trials read != succeeded + failed,
-      2 for a flag or configuration error (before anything runs).
+      2 for a flag or configuration error, 3 for a dataset no trial could train
+      on (both before anything runs).
     """
     try:
         options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=TrainOptions)

@@ -108,10 +108,6 @@ def load_transform_output(dataset_dir: str) -> tft.TFTransformOutput:
     return tft.TFTransformOutput(published_dir(dataset_dir))
 
 
-def has_split(dataset_dir: str, split: str) -> bool:
-    return bool(dataset_io.split_files(dataset_dir, split))
-
-
 class _Transform:
     """Maps a parsed record batch to (pixels, label_index) through the tf.Transform layer.
 

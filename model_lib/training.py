@@ -579,7 +579,7 @@ def train_and_export(
 
     validation_metrics = evaluation.evaluate(model, validation, summary.labels)
     test_metrics = None
-    if summary.test_split and input_pipeline.has_split(dataset_dir, summary.test_split):
+    if summary.test_split and summary.counts.get(summary.test_split, 0) > 0:  # No test images: no test metrics.
         test = input_pipeline.make_dataset(
             summary, summary.test_split, transform, batch_size=global_batch, training=False
         )

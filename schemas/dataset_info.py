@@ -67,6 +67,26 @@ class Accounting:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetWarning:
+    """Something about a dataset that lets the job finish but that a user must hear about.
+
+    Attributes:
+      code: Stable identifier scripts can match (``empty_split``,
+        ``label_missing_from_train``, ``few_images_for_label``, ``single_label``,
+        ``small_dataset``, ``no_images``).
+      message: One line in the user's terms, saying what to do.
+    """
+
+    code: str
+    message: str
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any], source: str = "warning") -> "DatasetWarning":
+        values = artifact_files.field_values(cls, content, source)
+        return cls(code=str(values["code"]), message=str(values["message"]))
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """Summary of one create_dataset output directory.
 
@@ -86,6 +106,10 @@ class DatasetInfo:
       image_format: jpeg or png.
       parameters: Every setting of the run, for the record.
       created_at: ISO-8601 UTC time the summary was built.
+      warnings: What create_dataset found wrong but not fatal (empty
+        splits, labels missing from train, ...); ``--strict`` refuses to
+        publish a dataset that has any. Absent in files written before
+        warnings existed, hence the default.
     """
 
     counts: dict[str, SplitCounts]
@@ -101,11 +125,13 @@ class DatasetInfo:
     image_format: str
     parameters: dict[str, Any]
     created_at: str
+    warnings: list[DatasetWarning] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         content = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         content["counts"] = {name: dataclasses.asdict(split) for name, split in self.counts.items()}
         content["accounting"] = self.accounting.to_dict()
+        content["warnings"] = [dataclasses.asdict(warning) for warning in self.warnings]
         return content
 
     def to_json(self) -> str:
@@ -135,6 +161,7 @@ class DatasetInfo:
             image_format=str(values["image_format"]),
             parameters=dict(values["parameters"]),
             created_at=str(values["created_at"]),
+            warnings=[DatasetWarning.from_dict(w, f"{source} warnings") for w in values.get("warnings", [])],
         )
 
     @classmethod

@@ -11,6 +11,8 @@ DATASET_INFO_FILE = "dataset_info.json"
 TFRECORD_SUFFIX = ".tfrecord.gz"
 REJECTED_PREFIX = "rejected"
 REJECTED_SUFFIX = ".jsonl"
+# Written by tf.Transform's WriteTransformFn (tft.TFTransformOutput.TRANSFORM_FN_DIR).
+TRANSFORM_FN_DIR = "transform_fn"
 
 
 def join(directory: str, *parts: str) -> str:

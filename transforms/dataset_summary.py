@@ -19,6 +19,7 @@ import apache_beam as beam
 from schemas import counters, dataset
 from schemas.dataset_info import Accounting, DatasetInfo, SplitCounts
 from schemas.dead_letter import DeadLetter
+from transforms.dataset_checks import dataset_warnings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ def build_dataset_info(
               for name in split_names}
     rejected_images = {reason: count for (kind, reason), count in sorted(rejection_counts) if kind == "images"}
     rejected_ratings = {reason: count for (kind, reason), count in sorted(rejection_counts) if kind == "ratings"}
+    warnings = dataset_warnings(counts, split_names, parameters["split_fractions"], labels, read)
+    for warning in warnings:
+        _LOGGER.warning("dataset: %s", warning.message)
     return DatasetInfo(
         counts=counts,
         split_names=split_names,
@@ -98,6 +102,7 @@ def build_dataset_info(
         image_format=parameters["image_format"],
         parameters=parameters,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        warnings=warnings,
     )
 
 

@@ -247,11 +247,26 @@ def tolerate_shared_flags(parser: argparse.ArgumentParser) -> None:
 
 
 
+USAGE_ERROR_EXIT = 2
+UNUSABLE_INPUT_EXIT = 3
+
+
+class UnusableInputError(ValueError):
+    """The flags are well-formed but what they name cannot be used (exit status 3).
+
+    An empty input or table, a directory that is not a model, a dataset that
+    train cannot learn from, an index built by another model: scripts can tell
+    these (fix the data) from a usage error (fix the command line, status 2).
+    """
+
+
 def report_usage_error(command: str, error: ValueError) -> int:
-    """Prints ``vision-pipelines COMMAND: error: MESSAGE`` on stderr; returns 2, argparse's usage-error status.
+    """Prints ``vision-pipelines COMMAND: error: MESSAGE`` on stderr; returns the exit status.
 
     Jobs call it for what is wrong with their command line (unknown flags and
-    invalid configuration), so a typo ends in one line instead of a traceback.
+    invalid configuration: 2, argparse's usage-error status) or with the inputs
+    it names (``UnusableInputError``: 3), so either ends in one line instead of
+    a traceback, before anything runs.
     """
     sys.stderr.write(f"vision-pipelines {command}: error: {error}\n")
-    return 2
+    return UNUSABLE_INPUT_EXIT if isinstance(error, UnusableInputError) else USAGE_ERROR_EXIT
