@@ -34,7 +34,7 @@ import dataclasses
 import json
 import logging
 import sys
-from typing import Any, Iterable
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -44,11 +44,12 @@ from schemas import counters, layout, prediction
 from schemas.publication import OutputExistsError, OutputRun
 from schemas.warehouse import WAREHOUSE_KINDS, WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
 from transforms import model_handler
-from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters, counter_total
+from transforms.dead_letters import WriteDeadLetters, counter_total
 from transforms.inference_inputs import ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
-from transforms.model_handler import ImageModelHandler, KeyedPrediction, PredictImages
+from transforms.model_handler import ImageModelHandler, PredictImages
 from transforms.prediction_eval import WriteEvaluation
+from transforms.prediction_rows import FormatPredictionFn, row_to_json
 from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.warehouse import WriteToWarehouse
 
@@ -153,21 +154,6 @@ class BatchPredictConfig:
         return None, OutputRun.start(str(self.artifacts_root), overwrite=True)
 
 
-class FormatPredictionFn(beam.DoFn):
-    """``(key, PredictionResult)`` -> a ``PREDICTION_RECORD`` dict, counted as predicted."""
-
-    def __init__(self, labels: list[str], top_k: int):
-        self._labels = labels
-        self._top_k = min(top_k, len(labels))
-
-    def setup(self) -> None:
-        self._predicted = beam.metrics.Metrics.counter(METRICS_NAMESPACE, PREDICTED_COUNTER)
-
-    def process(self, result: KeyedPrediction) -> Iterable[dict[str, Any]]:
-        self._predicted.inc()
-        yield model_handler.prediction_row(result, self._labels, self._top_k)
-
-
 class BatchPredict(beam.PTransform):
     """The job as one composite: ``(image_id, ImageInput)`` in, prediction rows and dead letters out."""
 
@@ -182,10 +168,6 @@ class BatchPredict(beam.PTransform):
             FormatPredictionFn(list(self._handler.model_info.labels), self._top_k)
         )
         return rows, dead_letters
-
-
-def row_to_json(row: dict[str, Any]) -> str:
-    return json.dumps(row)
 
 
 def run(argv: list[str] | None = None) -> PipelineResult:

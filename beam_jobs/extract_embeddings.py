@@ -47,8 +47,8 @@ from schemas import counters
 from schemas import embedding as embedding_schema
 from schemas.publication import OutputExistsError, OutputRun
 from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
-from transforms import model_handler
 from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters, counter_total
+from transforms.image_inputs import ImageInput
 from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.model_handler import ImageModelHandler, KeyedPrediction, ModelOutputs, PredictImages
@@ -132,7 +132,7 @@ def embedding_row(
         dimension (the export contract is broken; no row could be right).
     """
     _, prediction = result
-    image: model_handler.ImageInput = prediction.example
+    image: ImageInput = prediction.example
     outputs: ModelOutputs = prediction.inference
     vector = np.asarray(outputs.embedding, dtype=np.float32).reshape(-1)
     if vector.shape[0] != embedding_dim:

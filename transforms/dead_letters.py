@@ -1,4 +1,10 @@
-"""Turning failures into dead-letter records and writing them next to a job's output."""
+"""Turning failures into dead-letter records, counting them, and writing them next to a job's output.
+
+Counting (``CountDeadLetters``) is separate from the sink, so every job
+counts rejections the same way whatever it writes them to: batch jobs write
+``rejected-*.jsonl`` files (``WriteDeadLetters``); stream_predict publishes
+the same ``DeadLetter`` JSON to a Pub/Sub topic (``transforms.pubsub_io``).
+"""
 
 from __future__ import annotations
 
@@ -85,6 +91,13 @@ class _CountRejectionsFn(beam.DoFn):
         yield letter
 
 
+class CountDeadLetters(beam.PTransform):
+    """Counts dead letters (``rejected`` and ``rejected_<error_type>``) and passes them on to a sink."""
+
+    def expand(self, letters: beam.PCollection[DeadLetter]) -> beam.PCollection[DeadLetter]:
+        return letters | "CountRejections" >> beam.ParDo(_CountRejectionsFn())
+
+
 def counter_total(result: PipelineResult, name: str) -> int:
     """Sum of one of the jobs' counters (``read``, ``rejected``, ...) over every step reporting it.
 
@@ -112,7 +125,7 @@ class WriteDeadLetters(beam.PTransform):
     def expand(self, letters: beam.PCollection[DeadLetter]) -> beam.pvalue.PDone:
         return (
             letters
-            | "CountRejections" >> beam.ParDo(_CountRejectionsFn())
+            | "CountDeadLetters" >> CountDeadLetters()
             | "FormatDeadLetters" >> beam.Map(dead_letter_to_json)
             | "WriteRejected"
             >> beam.io.WriteToText(

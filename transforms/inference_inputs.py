@@ -41,8 +41,8 @@ from transforms import images
 from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput, ToDeadLetters
 from transforms.file_reads import DEFAULT_RETRY, RetryPolicy, StorageUnavailable, is_transient, open_file
 from transforms.image_files import ImageFile, ReadImageFilesFn
+from transforms.image_inputs import KeyedImage, keyed_image
 from transforms.manifests import ManifestRow, ReadCsvRows, expand_patterns
-from transforms.model_handler import ImageInput, KeyedImage
 from transforms.splitting import image_id_for_uri
 
 INPUT_KINDS = ("manifest", "images", "dataset")
@@ -130,16 +130,14 @@ class CheckImageFn(beam.DoFn):
         self._max_pixels = max_pixels
 
     def process(self, image_file: ImageFile) -> Iterable[KeyedImage | beam.pvalue.TaggedOutput]:
-        row, data = image_file.listed, image_file.data
+        row = image_file.listed
         try:
-            images.check_image(data, self._max_pixels)
+            keyed = keyed_image(image_id_for_uri(row.uri), row.uri, image_file.data, self._max_pixels,
+                                label=row.label or None, source=image_source(row.uri))
         except RejectedInput as rejected:
             yield _rejection(row.uri, LOAD_STAGE, rejected)
             return
-        image_id = image_id_for_uri(row.uri)
-        yield image_id, ImageInput(
-            image_id=image_id, uri=row.uri, image_bytes=data, label=row.label or None, source=image_source(row.uri)
-        )
+        yield keyed
 
 
 # Beam's TFRecord framing (length, masked CRC32C, payload, CRC) is reused
@@ -229,19 +227,13 @@ class ParseDatasetRecordFn(beam.DoFn):
             return
         uri = record[dataset.URI]
         try:
-            images.check_image(record[dataset.IMAGE], self._max_pixels)
+            keyed = keyed_image(record[dataset.IMAGE_ID], uri, record[dataset.IMAGE], self._max_pixels,
+                                label=record[dataset.LABEL] or None, split=record[dataset.SPLIT] or None,
+                                source=image_source(uri))
         except RejectedInput as rejected:
             yield _rejection(uri, PARSE_STAGE, rejected)
             return
-        image_id = record[dataset.IMAGE_ID]
-        yield image_id, ImageInput(
-            image_id=image_id,
-            uri=uri,
-            image_bytes=record[dataset.IMAGE],
-            label=record[dataset.LABEL] or None,
-            split=record[dataset.SPLIT] or None,
-            source=image_source(uri),
-        )
+        yield keyed
 
 
 class ReadImageInputs(beam.PTransform):

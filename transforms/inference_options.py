@@ -1,8 +1,11 @@
 """Flags and configuration shared by every job that runs the exported model over images.
 
-batch_predict and extract_embeddings read the same inputs and run the same
-``ImageModelHandler``; their common flags are declared once here so they
-cannot drift apart (names, defaults, validation).
+Two groups, declared once so they cannot drift apart (names, defaults,
+validation): ``ModelOptions`` (the model and how its batches form), taken by
+every inference job, batch or streaming; and ``InputOptions`` (``--input``
+files), taken only by the batch jobs (batch_predict, extract_embeddings),
+whose ``InferenceOptions`` is both. stream_predict takes ``ModelOptions``
+alone, with its Pub/Sub flags instead of ``--input``.
 """
 
 from __future__ import annotations
@@ -19,16 +22,15 @@ from transforms.inference_inputs import INPUT_KINDS, InputSpec
 from transforms.runner_policy import tolerate_shared_flags
 
 
-class InferenceOptions(PipelineOptions):
-    """Model, input and batching flags of the inference jobs."""
+class ModelOptions(PipelineOptions):
+    """Model and batching flags of every inference job."""
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
         tolerate_shared_flags(parser)
-        parser.add_argument("--model_dir", default=None, help="Exported model dir (saved_model/, model_info.json).")
-        parser.add_argument("--input", default=None,
-                            help="Manifest CSV (uri[,label]), image glob, or dataset dir / TFRecord glob.")
-        parser.add_argument("--input_format", choices=("auto", *INPUT_KINDS), default="auto")
+        parser.add_argument("--model_dir", default=None,
+                            help="Exported model dir (saved_model/, model_info.json), or a dir whose CURRENT "
+                                 "pointer names one (train's best/).")
         parser.add_argument("--min_batch_size", type=int, default=model_handler.DEFAULT_MIN_BATCH_SIZE)
         parser.add_argument("--max_batch_size", type=int, default=model_handler.DEFAULT_MAX_BATCH_SIZE)
         parser.add_argument("--max_batch_bytes", type=int, default=model_handler.DEFAULT_MAX_BATCH_BYTES,
@@ -41,7 +43,22 @@ class InferenceOptions(PipelineOptions):
                             help="Reject images with more pixels before decoding.")
 
 
-def check_numeric_flags(flags: InferenceOptions) -> None:
+class InputOptions(PipelineOptions):
+    """The file-input flags of the batch inference jobs."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        tolerate_shared_flags(parser)
+        parser.add_argument("--input", default=None,
+                            help="Manifest CSV (uri[,label]), image glob, or dataset dir / TFRecord glob.")
+        parser.add_argument("--input_format", choices=("auto", *INPUT_KINDS), default="auto")
+
+
+class InferenceOptions(ModelOptions, InputOptions):
+    """Model, batching and input flags of the batch inference jobs."""
+
+
+def check_numeric_flags(flags: ModelOptions) -> None:
     """Refuses out-of-range batching and size flags while parsing, not when the first batch forms.
 
     ImageModelHandler checks the same bounds for library callers; checking
@@ -67,32 +84,41 @@ def _check_at_least(name: str, value: int, minimum: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class InferenceConfig:
-    """Validated model, input and batching settings."""
+class ModelConfig:
+    """Validated model and batching settings.
+
+    Attributes:
+      model_dir: ``--model_dir`` resolved through its ``CURRENT`` pointer (the
+        export a batch job reads for its whole run).
+      watched_dir: ``--model_dir`` as given: the directory whose pointer a
+        streaming job watches to refresh its model.
+      max_pixels: Images with more pixels are rejected before decoding.
+    """
 
     model_dir: str
-    input_spec: InputSpec
+    watched_dir: str
     min_batch_size: int
     max_batch_size: int
     max_batch_bytes: int
     large_model: bool
     model_copies: int | None
+    max_pixels: int
 
     @classmethod
-    def from_options(cls, options: PipelineOptions) -> "InferenceConfig":
-        flags = options.view_as(InferenceOptions)
-        for name in ("model_dir", "input"):
-            if not getattr(flags, name):
-                raise ValueError(f"--{name} is required")
+    def from_options(cls, options: PipelineOptions) -> "ModelConfig":
+        flags = options.view_as(ModelOptions)
+        if not flags.model_dir:
+            raise ValueError("--model_dir is required")
         check_numeric_flags(flags)
         return cls(
             model_dir=published_dir(flags.model_dir),
-            input_spec=InputSpec.resolve(flags.input, flags.input_format, flags.max_pixels),
+            watched_dir=flags.model_dir.rstrip("/"),
             min_batch_size=flags.min_batch_size,
             max_batch_size=flags.max_batch_size,
             max_batch_bytes=flags.max_batch_bytes,
             large_model=flags.large_model,
             model_copies=flags.model_copies,
+            max_pixels=flags.max_pixels,
         )
 
     def make_handler(self) -> model_handler.ImageModelHandler:
@@ -104,3 +130,24 @@ class InferenceConfig:
             large_model=self.large_model,
             model_copies=self.model_copies,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """Validated model, batching and input settings of a batch inference job."""
+
+    model: ModelConfig
+    input_spec: InputSpec
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> "InferenceConfig":
+        flags = options.view_as(InferenceOptions)
+        if not flags.model_dir:
+            raise ValueError("--model_dir is required")
+        if not flags.input:
+            raise ValueError("--input is required")
+        model = ModelConfig.from_options(options)
+        return cls(model=model, input_spec=InputSpec.resolve(flags.input, flags.input_format, model.max_pixels))
+
+    def make_handler(self) -> model_handler.ImageModelHandler:
+        return self.model.make_handler()

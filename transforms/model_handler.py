@@ -36,11 +36,11 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.utils import multi_process_shared, shared
 
 from schemas import model_artifacts
-from schemas import prediction as prediction_schema
 from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import published_dir
 from transforms.dead_letters import METRICS_NAMESPACE, ToDeadLetters
+from transforms.image_inputs import KeyedImage
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -60,35 +60,6 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_BATCH_BYTES = 64 * 2**20
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageInput:
-    """One image to run through the model.
-
-    Attributes:
-      image_id: Stable id (``transforms.splitting.image_id_for_uri`` or the
-        dataset record's id).
-      uri: Where the image was read from; names it in dead letters.
-      image_bytes: The encoded file (JPEG, PNG, GIF, BMP, WebP), already
-        validated; emptied in prediction results so bytes do not travel on.
-      label: The known (true) label, if any.
-      split: The dataset split, if read from a dataset.
-      source: The directory the image was read from.
-    """
-
-    image_id: str
-    uri: str
-    image_bytes: bytes = dataclasses.field(repr=False)
-    label: str | None = None
-    split: str | None = None
-    source: str | None = None
-
-    @property
-    def input_ref(self) -> str:
-        """What dead letters name this input by (never the bytes)."""
-        return self.uri
-
-
-KeyedImage = tuple[str, ImageInput]
 KeyedPrediction = tuple[str, PredictionResult]
 
 
@@ -118,6 +89,8 @@ class LoadedImageModel:
     """
 
     def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        self.info = ModelInfo.read(model_dir)
         path = FileSystems.join(model_dir, model_artifacts.SAVED_MODEL_DIR)
         self._saved_model = tf.saved_model.load(path)
         signatures = self._saved_model.signatures
@@ -138,14 +111,17 @@ class LoadedImageModel:
         self._lock = threading.Lock()
         self._load_reported = False
 
-    def predict(self, image_bytes: list[bytes]) -> dict[str, np.ndarray]:
+    def predict(self, image_bytes: list[bytes]) -> tuple[str, dict[str, np.ndarray]]:
         """Runs the serving signature on a batch of encoded images.
 
         Returns:
-          Each required output as a numpy array whose first dimension is the batch.
+          ``(model_version, outputs)``: the version that predicted (returned
+          with the outputs so a model that can switch versions reports the one
+          that made them) and each required output as a numpy array whose
+          first dimension is the batch.
         """
         outputs = self._signature(**{model_artifacts.IMAGE_BYTES_INPUT: tf.constant(image_bytes, dtype=tf.string)})
-        return {key: outputs[key].numpy() for key in REQUIRED_OUTPUTS}
+        return self.info.model_version, {key: outputs[key].numpy() for key in REQUIRED_OUTPUTS}
 
     def claim_load_report(self) -> bool:
         """True exactly once per load, so the load is counted once in Beam metrics.
@@ -194,6 +170,7 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         large_model: bool = False,
         model_copies: int | None = None,
+        max_batch_duration_secs: float = 0,
     ):
         """Reads model_info.json now, so a bad model dir fails before launch.
 
@@ -206,6 +183,10 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
             (Beam's MultiProcessShared), for models too big for one per process.
           model_copies: Exact number of copies per machine (implies sharing
             across processes).
+          max_batch_duration_secs: 0 (the default) batches within a bundle
+            and never holds an element back; above 0 (streaming), a batch
+            waits up to this long for more elements (Beam's stateful
+            batching, one buffer per worker process).
 
         Raises:
           ValueError: on an invalid batch configuration.
@@ -221,6 +202,9 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
             raise ValueError(f"max_batch_bytes must be >= 1. Received `max_batch_bytes={max_batch_bytes}`")
         if model_copies is not None and model_copies < 1:
             raise ValueError(f"model_copies must be >= 1. Received `model_copies={model_copies}`")
+        if max_batch_duration_secs < 0:
+            raise ValueError(
+                f"max_batch_duration_secs must be >= 0. Received `max_batch_duration_secs={max_batch_duration_secs}`")
         super().__init__(large_model=large_model, model_copies=model_copies)
         self._model_dir = published_dir(model_dir)
         self._info = ModelInfo.read(self._model_dir)
@@ -234,6 +218,8 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
             "max_batch_size": max_batch_size,
             "element_size_fn": _EncodedSizeWeight(max_batch_bytes / max_batch_size),
         }
+        if max_batch_duration_secs > 0:
+            self._batch_kwargs["max_batch_duration_secs"] = max_batch_duration_secs
 
     @property
     def model_info(self) -> ModelInfo:
@@ -251,9 +237,13 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
             model = _LIVE_MODELS.get(self._token)
             if model is None:
                 _LOGGER.info("Loading model %s (version %s)", self._model_dir, self._info.model_version)
-                model = LoadedImageModel(self._model_dir)
+                model = self._new_model()
                 _LIVE_MODELS[self._token] = model
             return model
+
+    def _new_model(self) -> LoadedImageModel:
+        """The object ``load_model`` shares; a subclass may wrap the loaded model."""
+        return LoadedImageModel(self._model_dir)
 
     def run_inference(
         self,
@@ -271,7 +261,7 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
             Metrics.counter(METRICS_NAMESPACE, MODEL_LOADS_COUNTER).inc()
         if not batch:
             return []
-        outputs = model.predict([image.image_bytes for _, image in batch])
+        model_version, outputs = model.predict([image.image_bytes for _, image in batch])
         count = len(outputs[model_artifacts.OUTPUT_LABEL])
         if count != len(batch):
             raise ValueError(f"model returned {count} predictions for a batch of {len(batch)}")
@@ -284,7 +274,7 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
                 embedding=np.asarray(outputs[model_artifacts.OUTPUT_EMBEDDING][i], dtype=np.float32),
             )
             example = dataclasses.replace(image, image_bytes=b"")
-            results.append((key, PredictionResult(example, inference, model_id=self._info.model_version)))
+            results.append((key, PredictionResult(example, inference, model_id=model_version)))
         return results
 
     def get_num_bytes(self, batch: Sequence[KeyedImage]) -> int:
@@ -320,6 +310,20 @@ def elements_of_failed_batch(failure: tuple[Sequence[KeyedImage], Any]) -> Itera
     yield from batch
 
 
+def acquire_model(handler: ImageModelHandler, shared_handle: shared.Shared) -> LoadedImageModel:
+    """The model copy ``RunInference`` loaded for ``handler`` in this process (or machine), for other steps.
+
+    ``handler.load_model`` finds the same copy through its token; when the
+    handler shares its model across processes, this is the same
+    ``MultiProcessShared`` copy, reached through a proxy (methods only).
+    """
+    tag = handler.model_identifier
+    if handler.share_model_across_processes():
+        # RunInference names the first copy f"{tag}0" (base._get_tags_for_copies).
+        return multi_process_shared.MultiProcessShared(handler.load_model, tag=f"{tag}0", always_proxy=True).acquire()
+    return shared_handle.acquire(handler.load_model, tag=tag)
+
+
 @beam.typehints.with_output_types(KeyedPrediction, dead_letters=DeadLetter)
 class PredictElementFn(beam.DoFn):
     """Predicts one image at a time: the retry path for batches that failed.
@@ -340,18 +344,9 @@ class PredictElementFn(beam.DoFn):
     def setup(self) -> None:
         self._model = None
 
-    def _acquire_model(self) -> LoadedImageModel:
-        tag = self._handler.model_identifier
-        if self._handler.share_model_across_processes():
-            # RunInference names the first copy f"{tag}0" (base._get_tags_for_copies).
-            return multi_process_shared.MultiProcessShared(
-                self._handler.load_model, tag=f"{tag}0", always_proxy=True
-            ).acquire()
-        return self._shared_handle.acquire(self._handler.load_model, tag=tag)
-
     def process(self, element: KeyedImage) -> Iterable[KeyedPrediction | beam.pvalue.TaggedOutput]:
         if self._model is None:
-            self._model = self._acquire_model()
+            self._model = acquire_model(self._handler, self._shared_handle)
         try:
             yield from self._handler.run_inference([element], self._model)
         except (tf.errors.OpError, ValueError) as error:
@@ -396,31 +391,3 @@ class PredictImages(beam.PTransform):
         dead_letters = (retried[PredictElementFn.DEAD_LETTERS], unexpected) | "MergeDeadLetters" >> beam.Flatten()
         return predictions, dead_letters
 
-
-def top_k(probabilities: np.ndarray, labels: Sequence[str], k: int) -> tuple[list[str], list[float]]:
-    """The k most probable labels and their probabilities; ties go to the lower index."""
-    order = np.argsort(-probabilities, kind="stable")[: max(0, k)]
-    return [labels[i] for i in order], [float(probabilities[i]) for i in order]
-
-
-def prediction_row(result: KeyedPrediction, labels: Sequence[str], k: int) -> dict[str, Any]:
-    """A ``schemas.prediction.PREDICTION_RECORD`` row (dict in schema order) from a keyed result."""
-    _, prediction = result
-    image: ImageInput = prediction.example
-    outputs: ModelOutputs = prediction.inference
-    top_labels, top_probabilities = top_k(outputs.probabilities, labels, k)
-    schema = prediction_schema
-    row = {
-        schema.IMAGE_ID: image.image_id,
-        schema.URI: image.uri,
-        schema.LABEL: outputs.label,
-        schema.LABEL_INDEX: outputs.label_index,
-        schema.SCORE: float(outputs.probabilities[outputs.label_index]),
-        schema.TOP_K_LABELS: top_labels,
-        schema.TOP_K_PROBABILITIES: top_probabilities,
-        schema.TRUE_LABEL: image.label,
-        schema.SPLIT: image.split,
-        schema.SOURCE: image.source,
-        schema.MODEL_VERSION: prediction.model_id,
-    }
-    return {name: row[name] for name in schema.PREDICTION_RECORD.names}

@@ -16,6 +16,7 @@ from PIL import Image
 from schemas import counters, dataset, layout
 from transforms import images
 from transforms.dead_letters import RejectedInput, counter_total
+from transforms.image_inputs import KeyedImage
 from transforms.inference_inputs import (
     CORRUPT_RECORD,
     CORRUPT_TFRECORD,
@@ -23,7 +24,6 @@ from transforms.inference_inputs import (
     ReadImageInputs,
     image_source,
 )
-from transforms.model_handler import KeyedImage
 from transforms.splitting import image_id_for_uri
 
 # The corpus's bomb is 25M pixels; the default guard allows 50M.

@@ -20,17 +20,16 @@ from model_lib import sample_data
 from schemas import model_artifacts
 from schemas.model_artifacts import ModelInfo
 from transforms.dead_letters import METRICS_NAMESPACE
+from transforms.image_inputs import ImageInput
 from transforms.model_handler import (
     INFERENCE_FAILED,
     MODEL_LOADS_COUNTER,
     RETRIED_BATCHES_COUNTER,
-    ImageInput,
     ImageModelHandler,
     ModelOutputs,
     PredictImages,
-    prediction_row,
-    top_k,
 )
+from transforms.prediction_rows import prediction_row, top_k
 from transforms.splitting import image_id_for_uri
 
 
