@@ -68,7 +68,15 @@ def majority_vote(votes: Sequence[str], policy: VotePolicy) -> str:
       RejectedInput: ``no_label`` without votes; ``tied_vote`` or
         ``low_agreement`` when the policy is ``reject``.
     """
-    counts = collections.Counter(v for v in votes if v)
+    return majority_of_counts(collections.Counter(v for v in votes if v), policy)
+
+
+def majority_of_counts(counts: collections.Counter, policy: VotePolicy) -> str:
+    """``majority_vote`` over votes already counted per label (what the ratings join streams into).
+
+    Raises:
+      RejectedInput: as ``majority_vote``.
+    """
     if not counts:
         raise RejectedInput(NO_LABEL, "no label in the manifest and no ratings")
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
@@ -115,7 +123,9 @@ class _ResolveLabelFn(beam.DoFn):
     ) -> Iterable[LabeledImage | beam.pvalue.TaggedOutput]:
         uri, grouped = element
         rows: list[ManifestRow] = sorted(grouped["rows"], key=lambda r: r.input_ref)
-        ratings: list[Rating] = sorted(grouped["ratings"], key=lambda r: r.input_ref)
+        # Ratings are streamed once, never listed or sorted: one image may hold millions of them (a hot key),
+        # and the runner pages a large group in lazily, so memory stays one counter per label.
+        ratings: Iterable[Rating] = grouped["ratings"]
         if not rows:
             for rating in ratings:
                 yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, DeadLetter(
@@ -127,14 +137,15 @@ class _ResolveLabelFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, DeadLetter(
                 duplicate.input_ref, STAGE, DUPLICATE_URI,
                 f"same image as {primary.input_ref}; its label counted as one vote there"))
-        votes = [r.label for r in rows] + [r.label for r in ratings]
+        counts = collections.Counter(r.label for r in rows if r.label)
+        counts.update(r.label for r in ratings if r.label)
         try:
-            label = majority_vote(votes, self._policy)
+            label = majority_of_counts(counts, self._policy)
         except RejectedInput as rejection:
             yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, DeadLetter(
                 primary.input_ref, STAGE, rejection.error_type, str(rejection)))
             return
-        yield LabeledImage(uri=uri, label=label, input_ref=primary.input_ref, votes=sum(1 for v in votes if v))
+        yield LabeledImage(uri=uri, label=label, input_ref=primary.input_ref, votes=sum(counts.values()))
 
 
 def key_by_uri(item: ManifestRow | Rating) -> tuple[str, ManifestRow | Rating]:

@@ -18,6 +18,8 @@ from transforms.labeling import (
     NO_LABEL,
     RATING_FOR_UNKNOWN_IMAGE,
     TIED_VOTE,
+    AssignLabelIndices,
+    DeriveVocabulary,
     LabeledImage,
     ResolveLabels,
     VotePolicy,
@@ -115,3 +117,42 @@ def test_ratings_join_resolves_conflicts_and_rejects_with_reasons():
             ("m.csv:6", DUPLICATE_URI),
             ("r.csv:11", RATING_FOR_UNKNOWN_IMAGE),
         ]), label="CheckDeadLetters")
+
+
+def _count(pcoll, label):
+    return pcoll | f"Count{label}" >> beam.combiners.Count.Globally()
+
+
+def test_one_image_with_ten_thousand_ratings_is_one_hot_key_resolved_in_one_pass():
+    """A hot key: 10,000 ratings for one image (and 10,000 for an image in no manifest)."""
+    ratings = [Rating("/img/hot.png", f"r{i}", "cat" if i % 5 < 3 else "dog", f"r.csv:{i}") for i in range(10_000)]
+    ratings += [Rating("/img/unknown.png", f"r{i}", "cat", f"u.csv:{i}") for i in range(10_000)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        labeled, letters = {
+            "rows": p | "Rows" >> beam.Create([ManifestRow("/img/hot.png", "", "m.csv:1")]),
+            "ratings": p | "Ratings" >> beam.Create(ratings),
+        } | ResolveLabels(VotePolicy(min_agreement=0.5))
+        assert_that(labeled, equal_to([LabeledImage("/img/hot.png", "cat", "m.csv:1", 10_000)]),
+                    label="CheckHotImage")
+        reasons = letters | "Reason" >> beam.Map(lambda letter: letter.error_type)
+        assert_that(reasons | "CountPerReason" >> beam.combiners.Count.PerElement(),
+                    equal_to([(RATING_FOR_UNKNOWN_IMAGE, 10_000)]), label="CheckUnknownRatings")
+
+
+def test_one_label_holding_most_images_keeps_every_image_and_a_small_vocabulary():
+    """A hot label: 95% of 2,000 images are `cat`; no step keys on the label, so nothing funnels to one worker."""
+    rows = [ManifestRow(f"/img/{i:05d}.png", "cat" if i % 20 else ["dog", "owl"][i % 40 // 20], f"m.csv:{i}")
+            for i in range(2_000)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        labeled, letters = {
+            "rows": p | "Rows" >> beam.Create(rows),
+            "ratings": p | "Ratings" >> beam.Create([]),
+        } | ResolveLabels(VotePolicy())
+        vocabulary = labeled | DeriveVocabulary()
+        indexed, index_letters = labeled | AssignLabelIndices(vocabulary)
+        assert_that(vocabulary, equal_to([["cat", "dog", "owl"]]), label="CheckVocabulary")
+        per_index = indexed | "Index" >> beam.Map(lambda image: image.label_index)
+        assert_that(per_index | "CountPerIndex" >> beam.combiners.Count.PerElement(),
+                    equal_to([(0, 1_900), (1, 50), (2, 50)]), label="CheckCounts")
+        assert_that(_count(letters, "Letters"), equal_to([0]), label="CheckNoLetters")
+        assert_that(_count(index_letters, "IndexLetters"), equal_to([0]), label="CheckNoIndexLetters")
