@@ -31,7 +31,7 @@ from schemas.index import DISTANCE, IndexInfo, SearchParams, ShardInfo
 
 _LOGGER = logging.getLogger(__name__)
 
-QUERY_SAMPLE_MAX = 1000
+QUERY_SAMPLE_MAX = 500
 QUERY_SAMPLE_FRACTION = 0.1
 TIE_TOLERANCE = 1e-5  # float32 dot products of unit vectors: ScaNN's exact re-scoring vs numpy's.
 _EXACT_CHUNK_ROWS = 8_192
@@ -67,7 +67,8 @@ class TuningResult:
 def query_sample_keys(image_ids: Sequence[str], size: int | None = None) -> np.ndarray:
     """Keys of the held-out queries: the rows whose hashed image_id sorts first (stable across builds).
 
-    Default size: 10% of the rows, at least 1 and at most ``QUERY_SAMPLE_MAX``.
+    Default size: 10% of the rows, at least 1 and at most ``QUERY_SAMPLE_MAX`` (500 queries x k
+    neighbours measure recall@10 to about +-0.003).
     """
     if size is None:
         size = min(QUERY_SAMPLE_MAX, max(1, int(len(image_ids) * QUERY_SAMPLE_FRACTION)))

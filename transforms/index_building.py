@@ -5,14 +5,15 @@ writes a complete, tuned index into an (unpublished) run directory:
 
 1. ``ToIndexRowFn`` checks each vector (dimension, NaN/inf, zero) and
    normalizes it; bad rows become dead letters with a reason code.
-2. ``DedupeImageIdsFn`` keeps one row per image_id (the first by uri, label,
-   split, vector, so the choice never depends on arrival order); the others
-   are dead letters ``duplicate_image_id``. The warehouse reader already reads
-   the newest row per (image_id, model_version), so this only fires on tables
-   written by other tools.
-3. Rows are keyed by ``schemas.index.shard_for_id`` and grouped: one
+2. Rows are keyed by ``schemas.index.shard_for_id`` and grouped: one
    ``BuildShardFn`` call per shard, on any worker, builds and writes that
    shard (``retrieval.index_build.build_shard``). N=1 is the same code.
+3. Within its shard (every row of an image_id hashes there) ``BuildShardFn``
+   keeps one row per image_id (the first by uri, label, split, vector, so the
+   choice never depends on arrival order); the others are dead letters
+   ``duplicate_image_id``. The warehouse reader already reads the newest row
+   per (image_id, model_version), so this only fires on tables written by
+   other tools.
 4. ``FinalizeIndexFn`` receives the list of every shard, writes the empty
    ones (no rows hashed there), tunes the fan-out search to the recall
    target and writes ``index_info.json`` (``retrieval.index_tuning``). If the
@@ -28,6 +29,7 @@ import dataclasses
 from typing import Any, Iterable
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 from retrieval import index_build, index_tuning
@@ -55,7 +57,7 @@ class IndexSpec:
       target_recall: recall@k the tuned search must reach.
       source: The warehouse URI (recorded in index_info.json).
       model_dir: The model directory to record for query images, or None.
-      query_sample_size: Held-out queries for tuning (None: 10%, at most 1,000).
+      query_sample_size: Held-out queries for tuning (None: 10%, at most 500).
     """
 
     run_dir: str
@@ -102,24 +104,43 @@ def _row_order(row: index_build.IndexRow) -> tuple:
     return (row.uri, row.label or "", row.split or "", row.vector.tobytes())
 
 
-class DedupeImageIdsFn(beam.DoFn):
-    """``(image_id, rows)`` -> the one row kept, and dead letters for the rest."""
+def dedupe_image_ids(rows: Iterable[index_build.IndexRow]) -> tuple[list[index_build.IndexRow], list[Any]]:
+    """One row per image_id (the first by ``_row_order``), and a dead letter for every other row."""
+    by_id: dict[str, list[index_build.IndexRow]] = {}
+    for row in rows:
+        by_id.setdefault(row.image_id, []).append(row)
+    kept, letters = [], []
+    for image_id, candidates in by_id.items():
+        ordered = sorted(candidates, key=_row_order)
+        kept.append(ordered[0])
+        letters.extend(
+            _letter({IMAGE_ID: image_id, URI: extra.uri}, index_build.DUPLICATE_IMAGE_ID,
+                    f"{image_id} appears {len(ordered)} times; kept the row of {ordered[0].uri}")
+            for extra in ordered[1:])
+    return kept, letters
 
-    def process(self, element: tuple[str, Iterable[index_build.IndexRow]]) -> Iterable[Any]:
-        image_id, rows = element
-        ordered = sorted(rows, key=_row_order)
-        yield ordered[0]
-        for extra in ordered[1:]:
-            yield _letter({IMAGE_ID: image_id, URI: extra.uri}, index_build.DUPLICATE_IMAGE_ID,
-                          f"{image_id} appears {len(ordered)} times; kept the row of {ordered[0].uri}")
+
+# What travels through the shard grouping: plain fields and the vector's float32 bytes, which
+# pickle several times faster than a dataclass holding a numpy array.
+PackedRow = tuple[str, str, "str | None", "str | None", bytes]
 
 
-def shard_key(row: index_build.IndexRow, num_shards: int) -> tuple[int, index_build.IndexRow]:
-    return index_schema.shard_for_id(row.image_id, num_shards), row
+def shard_key(row: index_build.IndexRow, num_shards: int) -> tuple[int, PackedRow]:
+    packed = (row.image_id, row.uri, row.label, row.split, row.vector.astype(np.float32).tobytes())
+    return index_schema.shard_for_id(row.image_id, num_shards), packed
+
+
+def unpack_row(packed: PackedRow) -> index_build.IndexRow:
+    image_id, uri, label, split, vector = packed
+    return index_build.IndexRow(image_id, uri, label, split, np.frombuffer(vector, dtype=np.float32))
 
 
 class BuildShardFn(beam.DoFn):
-    """``(shard, rows)`` -> the shard written under the run directory, as its ``ShardInfo``."""
+    """``(shard, rows)`` -> the shard written under the run directory, as its ``ShardInfo``; duplicates dead-lettered.
+
+    All rows of one image_id hash to the same shard, so duplicates are found
+    here, without a grouping by image_id of their own.
+    """
 
     def __init__(self, spec: IndexSpec):
         self._spec = spec
@@ -127,9 +148,11 @@ class BuildShardFn(beam.DoFn):
     def setup(self) -> None:
         self._indexed = Metrics.counter(METRICS_NAMESPACE, INDEXED_COUNTER)
 
-    def process(self, element: tuple[int, Iterable[index_build.IndexRow]]) -> Iterable[ShardInfo]:
+    def process(self, element: tuple[int, Iterable[PackedRow]]) -> Iterable[Any]:
         shard, rows = element
-        info = index_build.build_shard(self._spec.run_dir, shard, self._spec.num_shards, rows,
+        kept, letters = dedupe_image_ids(unpack_row(row) for row in rows)
+        yield from letters
+        info = index_build.build_shard(self._spec.run_dir, shard, self._spec.num_shards, kept,
                                        self._spec.dimension, self._spec.k)
         self._indexed.inc(info.count)
         yield info
@@ -168,19 +191,16 @@ class BuildIndex(beam.PTransform):
         spec = self._spec
         checked = rows | "CheckVectors" >> beam.ParDo(ToIndexRowFn(spec.dimension)).with_outputs(
             DEAD_LETTERS, main="rows")
-        unique = (
+        shards = (
             checked.rows
-            | "KeyByImageId" >> beam.WithKeys(_image_id)
-            | "GroupByImageId" >> beam.GroupByKey()
-            | "DedupeImageIds" >> beam.ParDo(DedupeImageIdsFn()).with_outputs(DEAD_LETTERS, main="rows")
-        )
-        dead_letters = (checked[DEAD_LETTERS], unique[DEAD_LETTERS]) | "MergeDeadLetters" >> beam.Flatten()
-        rejected = dead_letters | "CountRejected" >> beam.combiners.Count.Globally()
-        info = (
-            unique.rows
             | "KeyByShard" >> beam.Map(shard_key, num_shards=spec.num_shards)
             | "GroupByShard" >> beam.GroupByKey()
-            | "BuildShards" >> beam.ParDo(BuildShardFn(spec))
+            | "BuildShards" >> beam.ParDo(BuildShardFn(spec)).with_outputs(DEAD_LETTERS, main="shards")
+        )
+        dead_letters = (checked[DEAD_LETTERS], shards[DEAD_LETTERS]) | "MergeDeadLetters" >> beam.Flatten()
+        rejected = dead_letters | "CountRejected" >> beam.combiners.Count.Globally()
+        info = (
+            shards.shards
             | "CollectShards" >> beam.combiners.ToList()
             | "FinalizeIndex" >> beam.ParDo(FinalizeIndexFn(spec), rejected=beam.pvalue.AsSingleton(rejected))
         )
