@@ -131,7 +131,9 @@ class WriteDeadLetters(beam.PTransform):
             >> beam.io.WriteToText(
                 layout.rejected_prefix(self._output_dir),
                 file_name_suffix=layout.REJECTED_SUFFIX,
-                num_shards=1,
+                # 0: the runner picks (a shard per bundle), so writing scales with the workers; a fixed count
+                # sends every letter to that many writers. Empty input still gets one empty shard.
+                num_shards=0,
             )
         )
 
