@@ -32,33 +32,28 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import sys
-from typing import Any, Iterable
+from typing import Any
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
-
 from schemas import counters
 from schemas import embedding as embedding_schema
 from schemas.publication import OutputExistsError, OutputRun
 from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
-from transforms.dead_letters import METRICS_NAMESPACE, WriteDeadLetters, counter_total
-from transforms.image_inputs import ImageInput
+from transforms.dead_letters import WriteDeadLetters, counter_total
+from transforms.embedding_rows import EMBEDDED_COUNTER, ExtractEmbeddings
 from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
-from transforms.model_handler import ImageModelHandler, KeyedPrediction, ModelOutputs, PredictImages
 from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.warehouse import WriteEmbeddings
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_WAREHOUSE = "duckdb:warehouse.duckdb"
-EMBEDDED_COUNTER = counters.EMBEDDED
 REJECTED_COUNTER = counters.REJECTED
 
 
@@ -120,74 +115,6 @@ class ExtractEmbeddingsConfig:
         if self.artifacts_dir is not None:
             return OutputRun.start(self.artifacts_dir, overwrite=self.overwrite, flag="--artifacts_dir")
         return OutputRun.start(str(self.artifacts_root), overwrite=True)
-
-
-def embedding_row(
-    result: KeyedPrediction, *, model_version: str, embedding_dim: int, created_at: datetime.datetime
-) -> dict[str, Any]:
-    """An ``EMBEDDING_RECORD`` row from a keyed model result.
-
-    Raises:
-      ValueError: The model's embedding does not have model_info.json's
-        dimension (the export contract is broken; no row could be right).
-    """
-    _, prediction = result
-    image: ImageInput = prediction.example
-    outputs: ModelOutputs = prediction.inference
-    vector = np.asarray(outputs.embedding, dtype=np.float32).reshape(-1)
-    if vector.shape[0] != embedding_dim:
-        raise ValueError(
-            f"model {model_version} returned a {vector.shape[0]}-dim embedding for {image.uri}; "
-            f"model_info.json declares embedding_dim={embedding_dim}"
-        )
-    schema = embedding_schema
-    return {
-        schema.IMAGE_ID: image.image_id,
-        schema.URI: image.uri,
-        schema.LABEL: image.label,
-        schema.SPLIT: image.split,
-        schema.EMBEDDING: [float(v) for v in vector],
-        schema.MODEL_VERSION: model_version,
-        schema.CREATED_AT: created_at,
-    }
-
-
-class FormatEmbeddingFn(beam.DoFn):
-    """``(key, PredictionResult)`` -> an embedding row, counted as embedded."""
-
-    def __init__(self, model_version: str, embedding_dim: int, created_at: datetime.datetime):
-        self._model_version = model_version
-        self._embedding_dim = embedding_dim
-        self._created_at = created_at
-
-    def setup(self) -> None:
-        self._embedded = beam.metrics.Metrics.counter(METRICS_NAMESPACE, EMBEDDED_COUNTER)
-
-    def process(self, result: KeyedPrediction) -> Iterable[dict[str, Any]]:
-        self._embedded.inc()
-        yield embedding_row(result, model_version=self._model_version, embedding_dim=self._embedding_dim,
-                            created_at=self._created_at)
-
-
-class ExtractEmbeddings(beam.PTransform):
-    """The job as one composite: ``(image_id, ImageInput)`` in, embedding rows and dead letters out.
-
-    Every row of one run carries the same ``created_at`` (when the pipeline
-    was built), so a run is one point in time in the warehouse.
-    """
-
-    def __init__(self, handler: ImageModelHandler, created_at: datetime.datetime | None = None):
-        super().__init__()
-        self._handler = handler
-        self._created_at = created_at or datetime.datetime.now(datetime.timezone.utc)
-
-    def expand(self, images: beam.PCollection):
-        predictions, dead_letters = images | "PredictImages" >> PredictImages(self._handler)
-        info = self._handler.model_info
-        rows = predictions | "FormatEmbeddings" >> beam.ParDo(
-            FormatEmbeddingFn(info.model_version, info.embedding_dim, self._created_at)
-        )
-        return rows, dead_letters
 
 
 def run(argv: list[str] | None = None) -> PipelineResult:
