@@ -47,10 +47,17 @@ from transforms import model_handler
 from transforms.dead_letters import WriteDeadLetters, counter_total
 from transforms.inference_inputs import ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
+from transforms.inference_preconditions import check_input_matches, check_model_dir, no_inputs_message
 from transforms.model_handler import ImageModelHandler, PredictImages
 from transforms.prediction_eval import WriteEvaluation
 from transforms.prediction_rows import FormatPredictionFn, row_to_json
-from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
+from transforms.runner_policy import (
+    UNUSABLE_INPUT_EXIT,
+    UnusableInputError,
+    make_pipeline_options,
+    report_usage_error,
+    tolerate_shared_flags,
+)
 from transforms.warehouse import WriteToWarehouse
 
 _LOGGER = logging.getLogger(__name__)
@@ -231,8 +238,15 @@ def accounting(result: PipelineResult) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     try:  # Flag and configuration errors end here, in one line and exit status 2, before anything runs.
-        BatchPredictConfig.from_options(make_pipeline_options(list(argv or []), job_options=BatchPredictOptions))
+        options = make_pipeline_options(list(argv or []), job_options=BatchPredictOptions)
+        config = BatchPredictConfig.from_options(options)
+        flags = options.view_as(BatchPredictOptions)
     except ValueError as error:
+        return report_usage_error("batch-predict", error)
+    try:  # What the flags name must exist: one line and exit status 3 otherwise, before anything runs.
+        check_model_dir(flags.model_dir)
+        check_input_matches(config.inference.input_spec.pattern)
+    except UnusableInputError as error:
         return report_usage_error("batch-predict", error)
     try:
         result = run(argv)
@@ -240,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         return report_usage_error("batch-predict", error)
     counts = accounting(result)
     print(json.dumps(counts, sort_keys=True))
+    if counts[counters.READ] == 0:  # An input with no rows: say so, in a status scripts can test.
+        sys.stderr.write(f"vision-pipelines batch-predict: error: {no_inputs_message(flags.input)}\n")
+        return UNUSABLE_INPUT_EXIT
     if counts[counters.READ] != counts[PREDICTED_COUNTER] + counts[counters.REJECTED]:
         _LOGGER.error("Accounting mismatch: read %d != predicted %d + rejected %d",
                       counts[counters.READ], counts[PREDICTED_COUNTER], counts[counters.REJECTED])

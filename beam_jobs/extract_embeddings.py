@@ -48,7 +48,14 @@ from transforms.dead_letters import WriteDeadLetters, counter_total
 from transforms.embedding_rows import EMBEDDED_COUNTER, ExtractEmbeddings
 from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
-from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
+from transforms.inference_preconditions import check_input_matches, check_model_dir, no_inputs_message
+from transforms.runner_policy import (
+    UNUSABLE_INPUT_EXIT,
+    UnusableInputError,
+    make_pipeline_options,
+    report_usage_error,
+    tolerate_shared_flags,
+)
 from transforms.warehouse import WriteEmbeddings
 
 _LOGGER = logging.getLogger(__name__)
@@ -150,9 +157,15 @@ def accounting(result: PipelineResult) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     try:  # Flag and configuration errors end here, in one line and exit status 2, before anything runs.
-        ExtractEmbeddingsConfig.from_options(
-            make_pipeline_options(list(argv or []), job_options=ExtractEmbeddingsOptions))
+        options = make_pipeline_options(list(argv or []), job_options=ExtractEmbeddingsOptions)
+        config = ExtractEmbeddingsConfig.from_options(options)
+        flags = options.view_as(ExtractEmbeddingsOptions)
     except ValueError as error:
+        return report_usage_error("extract-embeddings", error)
+    try:  # What the flags name must exist: one line and exit status 3 otherwise, before anything runs.
+        check_model_dir(flags.model_dir)
+        check_input_matches(config.inference.input_spec.pattern)
+    except UnusableInputError as error:
         return report_usage_error("extract-embeddings", error)
     try:
         result = run(argv)
@@ -160,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         return report_usage_error("extract-embeddings", error)
     counts = accounting(result)
     print(json.dumps(counts, sort_keys=True))
+    if counts[READ_COUNTER] == 0:  # An input with no rows: say so, in a status scripts can test.
+        sys.stderr.write(f"vision-pipelines extract-embeddings: error: {no_inputs_message(flags.input)}\n")
+        return UNUSABLE_INPUT_EXIT
     if counts[READ_COUNTER] != counts[EMBEDDED_COUNTER] + counts[REJECTED_COUNTER]:
         _LOGGER.error("Accounting mismatch: read %d != embedded %d + rejected %d",
                       counts[READ_COUNTER], counts[EMBEDDED_COUNTER], counts[REJECTED_COUNTER])
