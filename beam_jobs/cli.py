@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "extract-embeddings": "beam_jobs.extract_embeddings",
     "sql": "beam_jobs.sql",
     "build-index": "beam_jobs.build_index",
+    "search": "beam_jobs.search",
 }
 
 
