@@ -1,0 +1,248 @@
+"""stream_predict: predictions for images arriving on Pub/Sub, one output message per input message.
+
+Input (``--input_subscription projects/P/subscriptions/S`` or ``--input_topic
+projects/P/topics/T``): messages in one of three formats (``--message_format``,
+see ``transforms.pubsub_io``): ``json_uri`` ``{"image_id", "uri"}``,
+``json_base64`` ``{"image_id", "image_base64"}``, or ``raw_bytes`` (the image,
+with an ``image_id`` attribute). Event time is the publish time (or
+``--timestamp_attribute``).
+
+Outputs:
+- ``--output_topic``: one JSON message per good input
+  (``schemas.stream_prediction.STREAM_PREDICTION_RECORD``: image_id, message
+  id, label, top-k, model_version, event and processing time), with
+  ``image_id`` and ``message_id`` attributes;
+- ``--dead_letter_topic``: one ``DeadLetter`` JSON per malformed message,
+  unreadable or oversized image or failed inference (naming the message as
+  ``pubsub:MESSAGE_ID``), and an alert for every model version refused;
+- optionally ``--bigquery_table P.D.T`` (streaming inserts of the same rows).
+Every message comes out on exactly one of the two topics: read = predicted +
+rejected in the job's Beam metrics.
+
+The model is ``--model_dir``: an export, or a directory whose ``CURRENT``
+pointer names one (train's ``best/``). The pointer is re-read at most every
+``--model_refresh_secs`` per worker process; a newly named export is loaded,
+checked and switched to without a restart (``transforms.model_refresh``).
+
+Nothing on the hot path limits parallelism: messages are redistributed right
+after the read and every later step is stateless per element (or, with
+``--max_batch_duration_secs`` > 0, batched per worker process). On
+DataflowRunner the job defaults to Streaming Engine and throughput-based
+autoscaling (``--max_num_workers`` caps it).
+
+Example:
+  vision-pipelines stream-predict --model_dir gs://bucket/model/best \\
+      --input_subscription projects/P/subscriptions/images \\
+      --output_topic projects/P/topics/predictions --dead_letter_topic projects/P/topics/predictions-dlq \\
+      --runner DataflowRunner --project P --region R --temp_location gs://bucket/tmp --max_num_workers 10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import sys
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions, WorkerOptions
+from apache_beam.runners.runner import PipelineResult
+
+from schemas import counters
+from schemas.stream_prediction import STREAM_PREDICTIONS_TABLE
+from transforms.dead_letters import counter_total
+from transforms.inference_options import ModelConfig, ModelOptions
+from transforms.model_handler import PredictImages
+from transforms.model_refresh import ALERTS, RefreshingImageModelHandler, WatchModelPointerFn
+from transforms.prediction_rows import FormatStreamPredictionFn
+from transforms.pubsub_io import MESSAGE_FORMATS, PublishDeadLetters, PublishRows, ReadImageMessages
+from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
+from transforms.warehouse import WriteToWarehouse
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MODEL_REFRESH_SECS = 60.0
+DATAFLOW_AUTOSCALING = "THROUGHPUT_BASED"
+_TOPIC_RE = re.compile(r"^projects/[^/]+/topics/[^/]+$")
+_SUBSCRIPTION_RE = re.compile(r"^projects/[^/]+/subscriptions/[^/]+$")
+_TABLE_RE = re.compile(r"^[A-Za-z0-9_.:-]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
+
+
+class StreamPredictOptions(ModelOptions):
+    """The job's own flags (plus the model flags); every other flag is a standard Beam option."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        tolerate_shared_flags(parser)
+        parser.add_argument("--input_subscription", default=None, help="projects/P/subscriptions/S to read.")
+        parser.add_argument("--input_topic", default=None,
+                            help="projects/P/topics/T to read through a temporary subscription (instead of "
+                                 "--input_subscription).")
+        parser.add_argument("--output_topic", default=None, help="projects/P/topics/T for predictions.")
+        parser.add_argument("--dead_letter_topic", default=None,
+                            help="projects/P/topics/T for dead letters and model alerts.")
+        parser.add_argument("--bigquery_table", default=None,
+                            help="Also stream the predictions into this PROJECT.DATASET.TABLE.")
+        parser.add_argument("--message_format", choices=MESSAGE_FORMATS, default="json_uri")
+        parser.add_argument("--timestamp_attribute", default=None,
+                            help="Message attribute holding the event time (default: the publish time).")
+        parser.add_argument("--top_k", type=int, default=5, help="Labels with probabilities kept per image.")
+        parser.add_argument("--max_batch_duration_secs", type=float, default=0.0,
+                            help="0: batch what one bundle holds, never waiting; > 0: a batch waits up to this "
+                                 "long for more messages (per worker process).")
+        parser.add_argument("--model_refresh_secs", type=float, default=DEFAULT_MODEL_REFRESH_SECS,
+                            help="Least seconds between two reads of --model_dir's CURRENT pointer.")
+
+
+def _check_path(flag: str, value: str | None, pattern: re.Pattern, form: str) -> None:
+    if value is not None and not pattern.match(value):
+        raise ValueError(f"--{flag} must look like {form}. Received `{flag}={value}`")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPredictConfig:
+    """Validated job configuration, built once from the options."""
+
+    model: ModelConfig
+    input_subscription: str | None
+    input_topic: str | None
+    output_topic: str
+    dead_letter_topic: str
+    bigquery_table: str | None
+    message_format: str
+    timestamp_attribute: str | None
+    top_k: int
+    max_batch_duration_secs: float
+    model_refresh_secs: float
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> "StreamPredictConfig":
+        flags = options.view_as(StreamPredictOptions)
+        if (flags.input_subscription is None) == (flags.input_topic is None):
+            raise ValueError("exactly one of --input_subscription and --input_topic is required")
+        for name in ("output_topic", "dead_letter_topic"):
+            if not getattr(flags, name):
+                raise ValueError(f"--{name} is required")
+        _check_path("input_subscription", flags.input_subscription, _SUBSCRIPTION_RE, "projects/P/subscriptions/S")
+        for name in ("input_topic", "output_topic", "dead_letter_topic"):
+            _check_path(name, getattr(flags, name), _TOPIC_RE, "projects/P/topics/T")
+        _check_path("bigquery_table", flags.bigquery_table, _TABLE_RE, "PROJECT.DATASET.TABLE")
+        if flags.top_k < 1:
+            raise ValueError(f"--top_k must be >= 1. Received `top_k={flags.top_k}`")
+        if flags.max_batch_duration_secs < 0:
+            raise ValueError("--max_batch_duration_secs must be >= 0. "
+                             f"Received `max_batch_duration_secs={flags.max_batch_duration_secs}`")
+        if flags.model_refresh_secs <= 0:
+            raise ValueError(f"--model_refresh_secs must be > 0. Received `model_refresh_secs={flags.model_refresh_secs}`")
+        return cls(
+            model=ModelConfig.from_options(options),
+            input_subscription=flags.input_subscription,
+            input_topic=flags.input_topic,
+            output_topic=flags.output_topic,
+            dead_letter_topic=flags.dead_letter_topic,
+            bigquery_table=flags.bigquery_table,
+            message_format=flags.message_format,
+            timestamp_attribute=flags.timestamp_attribute,
+            top_k=flags.top_k,
+            max_batch_duration_secs=flags.max_batch_duration_secs,
+            model_refresh_secs=flags.model_refresh_secs,
+        )
+
+    def make_handler(self) -> RefreshingImageModelHandler:
+        model = self.model
+        return RefreshingImageModelHandler(
+            model.watched_dir,
+            refresh_secs=self.model_refresh_secs,
+            min_batch_size=model.min_batch_size,
+            max_batch_size=model.max_batch_size,
+            max_batch_bytes=model.max_batch_bytes,
+            large_model=model.large_model,
+            model_copies=model.model_copies,
+            max_batch_duration_secs=self.max_batch_duration_secs,
+        )
+
+
+class StreamPredict(beam.PTransform):
+    """The job as one composite: ``(image_id, ImageInput)`` of messages in; rows, dead letters and alerts out.
+
+    Returns ``(rows, dead_letters, alerts)``: ``STREAM_PREDICTION_RECORD``
+    dicts, ``DeadLetter``s of images the model could not take, and
+    ``DeadLetter``s of refused model versions (not inputs, so not counted as
+    rejected).
+    """
+
+    def __init__(self, handler: RefreshingImageModelHandler, top_k: int):
+        super().__init__()
+        self._handler = handler
+        self._top_k = top_k
+
+    def expand(self, images: beam.PCollection):
+        watched = images | "WatchModelPointer" >> beam.ParDo(WatchModelPointerFn(self._handler)).with_outputs(
+            ALERTS, main="images")
+        predictions, predict_letters = watched.images | "PredictImages" >> PredictImages(self._handler)
+        rows = predictions | "FormatPredictions" >> beam.ParDo(
+            FormatStreamPredictionFn(list(self._handler.model_info.labels), self._top_k))
+        return rows, predict_letters, watched[ALERTS]
+
+
+def apply_dataflow_defaults(options: PipelineOptions) -> None:
+    """On DataflowRunner: Streaming Engine and throughput-based autoscaling unless the user chose otherwise.
+
+    ``--max_num_workers`` is left as given: it is the autoscaling cap.
+    """
+    if str(options.view_as(StandardOptions).runner).split(".")[-1] != "DataflowRunner":
+        return
+    options.view_as(GoogleCloudOptions).enable_streaming_engine = True
+    worker = options.view_as(WorkerOptions)
+    if not worker.autoscaling_algorithm:
+        worker.autoscaling_algorithm = DATAFLOW_AUTOSCALING
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: StreamPredictConfig,
+                   handler: RefreshingImageModelHandler) -> None:
+    """Wires read, predict and the sinks into ``pipeline``."""
+    images, read_letters = pipeline | "ReadImageMessages" >> ReadImageMessages(
+        subscription=config.input_subscription, topic=config.input_topic, message_format=config.message_format,
+        max_pixels=config.model.max_pixels, timestamp_attribute=config.timestamp_attribute)
+    rows, predict_letters, alerts = images | "StreamPredict" >> StreamPredict(handler, config.top_k)
+    _ = rows | "PublishPredictions" >> PublishRows(config.output_topic)
+    if config.bigquery_table:
+        _ = rows | "StreamToBigQuery" >> WriteToWarehouse(f"bigquery:{config.bigquery_table}",
+                                                          STREAM_PREDICTIONS_TABLE)
+    letters = (read_letters, predict_letters) | "MergeDeadLetters" >> beam.Flatten()
+    _ = letters | "PublishDeadLetters" >> PublishDeadLetters(config.dead_letter_topic)
+    _ = alerts | "PublishModelAlerts" >> PublishDeadLetters(config.dead_letter_topic, count=False)
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Builds and starts the streaming job; returns at once with its (running) result."""
+    options = make_pipeline_options(list(argv or []), job_options=StreamPredictOptions, streaming=True)
+    config = StreamPredictConfig.from_options(options)
+    apply_dataflow_defaults(options)
+    handler = config.make_handler()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config, handler)
+    return pipeline.run()
+
+
+def accounting(result: PipelineResult) -> dict[str, int]:
+    """``read``, ``predicted`` and ``rejected`` so far, from the run's metrics."""
+    return {name: counter_total(result, name) for name in (counters.READ, counters.PREDICTED, counters.REJECTED)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:  # Flag and configuration errors end here, in one line and exit status 2, before anything runs.
+        options = make_pipeline_options(list(argv or []), job_options=StreamPredictOptions, streaming=True)
+        StreamPredictConfig.from_options(options)
+    except ValueError as error:
+        return report_usage_error("stream-predict", error)
+    result = run(argv)
+    _LOGGER.info("stream-predict is running; stop it with Ctrl-C (local) or drain it (Dataflow)")
+    result.wait_until_finish()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main(sys.argv[1:]))
