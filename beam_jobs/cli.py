@@ -22,10 +22,12 @@ COMMANDS: dict[str, str] = {
     "create-dataset": "beam_jobs.create_dataset",
     "train": "beam_jobs.train",
     "batch-predict": "beam_jobs.batch_predict",
+    "stream-predict": "beam_jobs.stream_predict",
     "extract-embeddings": "beam_jobs.extract_embeddings",
     "sql": "beam_jobs.sql",
     "build-index": "beam_jobs.build_index",
     "search": "beam_jobs.search",
+    "demo": "beam_jobs.demo",
 }
 
 
