@@ -21,6 +21,8 @@ RUNTIME_REQUIREMENTS = [
     "matplotlib>=3.8",
     "PyYAML>=6",
     "tensorboard>=2.20",  # TensorBoard logs during training (TF 2.21 no longer installs it)
+    "fastapi==0.165.0",  # serve-search: the image search page and JSON API
+    "uvicorn==0.54.0",
 ]
 
 TEST_REQUIREMENTS = [
@@ -30,6 +32,7 @@ TEST_REQUIREMENTS = [
     "ruff>=0.6",
     "gcp-storage-emulator>=2024.8.3",
     "bqemulator==1.4.0",
+    "selenium==4.32.0",  # Drives Debian's chromium in the serve-search page test
 ]
 
 # benchmarks/index.py compares the ScaNN index with these; the jobs never import them.

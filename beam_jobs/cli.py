@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "sql": "beam_jobs.sql",
     "build-index": "beam_jobs.build_index",
     "search": "beam_jobs.search",
+    "serve-search": "beam_jobs.serve_search",
     "demo": "beam_jobs.demo",
 }
 

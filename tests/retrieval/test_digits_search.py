@@ -17,27 +17,12 @@ import shutil
 import numpy as np
 import pytest
 
-from beam_jobs import build_index, extract_embeddings, search
+from beam_jobs import search
 from retrieval.index_tuning import exact_neighbors, query_sample_keys, recall_at_k, search_without_self
 from retrieval.searcher import ImageSearcher, ModelVersionMismatch, ShardedIndex, UnknownImageId
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import published_dir
 from tests.fixtures.datasets import BuiltDataset
-
-
-@pytest.fixture(scope="module")
-def digits_index(trained_digits_model: str, digits_dataset: BuiltDataset,
-                 tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("digits_index")
-    warehouse = f"duckdb:{root / 'warehouse.duckdb'}"
-    assert extract_embeddings.main(["--model_dir", trained_digits_model, "--input", digits_dataset.dataset_dir,
-                                    "--warehouse", warehouse]) == 0
-    index_dir = str(root / "index")
-    done = build_index.run(["--warehouse", warehouse, "--output_dir", index_dir, "--model_dir", trained_digits_model,
-                            "--num_shards", "2", "--k", "10", "--target_recall", "0.95"])
-    assert done.counts["read"] == done.counts["indexed"] + done.counts["rejected"]
-    assert done.counts["indexed"] >= 1700
-    return index_dir
 
 
 def _first_image(dataset: BuiltDataset) -> tuple[str, str]:
