@@ -16,7 +16,11 @@ Read-only by construction: ``--sql`` takes exactly one SELECT (or WITH ...
 SELECT) statement; DuckDB runs it on a connection with external access and
 extension loading disabled and its configuration locked, BigQuery only after
 a dry run reports a SELECT, and every BigQuery query is capped by
-``--maximum_bytes_billed``. Errors (bad URI, missing warehouse, refused SQL,
+``--maximum_bytes_billed``; DuckDB runs within ``--duckdb_memory_limit`` and
+spills at most ``--duckdb_max_temp_size`` of temporary files (never more than
+half the free disk). ``--query near_duplicates`` chooses its LSH settings
+from the table and prints them on stderr, and refuses a run it estimates too
+large. Errors (bad URI, missing warehouse, refused SQL,
 out-of-bounds parameter, BigQuery NotFound/Forbidden) print one line on
 stderr and exit with status 2.
 
@@ -43,6 +47,8 @@ import sys
 from typing import Any, Literal
 
 from retrieval.sql_queries import (
+    DEFAULT_DUCKDB_MAX_TEMP_SIZE,
+    DEFAULT_DUCKDB_MEMORY_LIMIT,
     DEFAULT_MAXIMUM_BYTES_BILLED,
     MODEL_VERSION_PARAM,
     NAMED_QUERIES,
@@ -50,6 +56,7 @@ from retrieval.sql_queries import (
     QueryResult,
     check_params,
     open_engine,
+    parse_byte_size,
     run_named_query,
     run_sql,
 )
@@ -70,6 +77,8 @@ class SqlConfig:
     params: dict[str, Any]
     output_format: OutputFormat
     maximum_bytes_billed: int = DEFAULT_MAXIMUM_BYTES_BILLED
+    duckdb_memory_limit: int = DEFAULT_DUCKDB_MEMORY_LIMIT
+    duckdb_max_temp_size: int = DEFAULT_DUCKDB_MAX_TEMP_SIZE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,11 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--maximum_bytes_billed", type=int, default=DEFAULT_MAXIMUM_BYTES_BILLED,
                         help="BigQuery only: refuse a query that would bill more bytes than this. "
                              f"Default: {DEFAULT_MAXIMUM_BYTES_BILLED} (10 GiB).")
+    parser.add_argument("--duckdb_memory_limit", default=f"{DEFAULT_DUCKDB_MEMORY_LIMIT // 1024**3}GiB",
+                        help="DuckDB and Parquet warehouses: the engine's memory limit (e.g. 4GiB, 500MB); a query "
+                             "needing more spills to temporary files. Default: %(default)s.")
+    parser.add_argument("--duckdb_max_temp_size", default=f"{DEFAULT_DUCKDB_MAX_TEMP_SIZE // 1024**3}GiB",
+                        help="DuckDB and Parquet warehouses: most bytes of temporary (spill) files, never more than "
+                             "half the free disk; a query needing more fails. Default: %(default)s.")
     parameters = parser.add_argument_group("query parameters (each query takes those it lists)")
     parameters.add_argument(f"--{MODEL_VERSION_PARAM}", help="The model_version to read (default: the newest).")
     by_name: dict[str, list[tuple[str, Any, str]]] = {}
     for query in NAMED_QUERIES.values():
-        for param in query.params:
+        for param in (p for p in query.params if not p.planned):
             by_name.setdefault(param.name, []).append((query.name, param.default, param.help))
     for name, uses in by_name.items():
         defaults = ", ".join(f"{q} {d}" for q, d, _ in uses if d is not None)
@@ -126,7 +141,9 @@ def parse_config(argv: list[str]) -> SqlConfig:
     if not 1 <= args.maximum_bytes_billed <= _MAX_BYTES_BILLED_LIMIT:
         raise QueryError(f"maximum_bytes_billed must be >= 1 and <= {_MAX_BYTES_BILLED_LIMIT}. "
                          f"Received `maximum_bytes_billed={args.maximum_bytes_billed}`")
-    return SqlConfig(args.warehouse, args.query, args.sql, params, args.output_format, args.maximum_bytes_billed)
+    return SqlConfig(args.warehouse, args.query, args.sql, params, args.output_format, args.maximum_bytes_billed,
+                     parse_byte_size(args.duckdb_memory_limit, "duckdb_memory_limit"),
+                     parse_byte_size(args.duckdb_max_temp_size, "duckdb_max_temp_size"))
 
 
 def _cell_text(value: Any) -> str:
@@ -188,7 +205,8 @@ _FORMATTERS = {"table": format_table, "csv": format_csv, "json": format_json}
 
 
 def _execute(config: SqlConfig) -> QueryResult:
-    engine = open_engine(config.warehouse, maximum_bytes_billed=config.maximum_bytes_billed)
+    engine = open_engine(config.warehouse, maximum_bytes_billed=config.maximum_bytes_billed,
+                         duckdb_memory_limit=config.duckdb_memory_limit, duckdb_max_temp_size=config.duckdb_max_temp_size)
     try:
         if config.sql is not None:
             return run_sql(engine, config.sql)
@@ -212,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     except QueryError as error:
         sys.stderr.write(f"vision-pipelines sql: error: {error}\n")
         return 2
+    if result.note:
+        sys.stderr.write(f"{result.note}\n")
     sys.stdout.write(_FORMATTERS[config.output_format](result))
     return 0
 
