@@ -22,6 +22,7 @@ It writes docs/scale.png, the ``scale`` section of docs/benchmarks.md and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -226,6 +227,117 @@ def run_inference(work_dir: str, dataset_dir: str, manifest: str, count: int,
         print(json.dumps(row), flush=True)
 
 
+PER_IMAGE_CASES = ((64, 64), (256, 224), (1024, 224))
+
+
+def per_image_probe(images: int = 200) -> list[dict[str, Any]]:
+    """CPU milliseconds per image, on one thread, of the two image passes create_dataset makes.
+
+    ``pillow_ms``: ``transforms.images.normalize_image`` (decode, resize,
+    re-encode as JPEG 90), the job's own per-image work. ``tf_analysis_ms``:
+    the tf.Transform preprocessing graph's decode + resize of the stored JPEG
+    (``model_lib.image_ops.decode_and_resize_batch``), what analysis adds per
+    train image. Source images are synthetic shapes saved as JPEG 95.
+    """
+    import io
+
+    import numpy as np
+    import tensorflow as tf
+
+    from model_lib.image_ops import decode_and_resize_batch
+    from model_lib.sample_data import SHAPES, draw_shape
+    from transforms.images import ImageSpec, normalize_image
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    rng = np.random.default_rng(0)
+    rows = []
+    for source, target in PER_IMAGE_CASES:
+        encoded = []
+        for i in range(images):
+            buffer = io.BytesIO()
+            draw_shape(rng, SHAPES[i % len(SHAPES)], source).save(buffer, format="JPEG", quality=95)
+            encoded.append(buffer.getvalue())
+        spec = ImageSpec(image_size=target)
+        start = time.process_time()
+        stored = [normalize_image(data, spec).encoded for data in encoded]
+        pillow_ms = 1000 * (time.process_time() - start) / images
+        batch = tf.constant(stored)
+        # As a graph, like tf.Transform runs it (eager map_fn would add ~4 ms of Python per image).
+        graph = tf.function(functools.partial(decode_and_resize_batch, image_size=target, channels=3),
+                            input_signature=[tf.TensorSpec([None], tf.string)])
+        graph(batch[:2])  # Warm-up: the first call traces.
+        start = time.process_time()
+        graph(batch).numpy()
+        tf_ms = 1000 * (time.process_time() - start) / images
+        row = {"source_px": source, "stored_px": target, "source_kib": sum(map(len, encoded)) / images / 1024,
+               "stored_kib": sum(map(len, stored)) / images / 1024, "pillow_ms": pillow_ms, "tf_analysis_ms": tf_ms}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _self_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * _PAGE_BYTES
+
+
+def scann_shard_probe(counts: list[int], dimension: int = 128, queries: int = 200) -> list[dict[str, Any]]:
+    """Builds build_index's ScaNN configuration over random unit vectors; memory, build time, query latency.
+
+    The parameters are ``retrieval.index_build.choose_params`` for each count
+    (what build_index would use for a shard of that size). Memory is the
+    growth of this process's RSS from before the vectors existed to after the
+    build with this script's reference to them dropped (ScaNN keeps the float32
+    datapoints for re-scoring), i.e. what a serving process holds per shard. Latency is one query per call
+    on one thread (p50 and p99 over ``queries`` calls).
+    """
+    import gc
+
+    import numpy as np
+
+    from retrieval.index_build import choose_params
+    from retrieval.scann_compat import build
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for count in counts:
+        gc.collect()
+        before = _self_rss_bytes()
+        # Clustered data (1,000 centres plus noise) rather than uniform noise, like real embeddings.
+        centres = rng.standard_normal((1000, dimension)).astype(np.float32)
+        vectors = centres[rng.integers(0, 1000, count)] + 0.5 * rng.standard_normal((count, dimension)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        probe = vectors[rng.integers(0, count, queries)] + 0.05 * rng.standard_normal((queries, dimension)).astype(
+            np.float32)
+        start = time.perf_counter()
+        params = choose_params(count, dimension)
+        searcher = build(vectors, params, k=10, training_threads=1)
+        build_s = time.perf_counter() - start
+        del vectors
+        gc.collect()
+        held = _self_rss_bytes() - before
+        latencies = []
+        for query in probe:
+            start = time.perf_counter()
+            searcher.search(query[None, :], 10)
+            latencies.append(time.perf_counter() - start)
+        latencies.sort()
+        batch_start = time.perf_counter()
+        searcher.search(probe, 10)
+        batch_qps = queries / (time.perf_counter() - batch_start)
+        row = {"vectors": count, "algorithm": params.algorithm, "num_leaves": params.num_leaves,
+               "leaves_to_search": params.leaves_to_search_default, "build_s": build_s,
+               "held_mib": held / 2**20, "bytes_per_vector": held / count,
+               "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+               "batched_qps_one_thread": batch_qps}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del searcher
+        gc.collect()
+    return rows
+
+
 def plot(results: list[dict[str, Any]], path: str) -> None:
     """Wall time and peak RSS against the number of images, one line per create_dataset mode."""
     import matplotlib
@@ -307,7 +419,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--scann", default=None, metavar="COUNTS",
+                        help="Only the ScaNN shard probe at these vector counts (JSON lines on stdout).")
+    parser.add_argument("--per_image", action="store_true",
+                        help="Only the per-image CPU cost probe (Pillow pass and tf.Transform pass), JSON lines.")
     args = parser.parse_args(argv)
+    if args.per_image:
+        per_image_probe()
+        return 0
+    if args.scann:
+        scann_shard_probe([int(c) for c in args.scann.split(",")])
+        return 0
     if args.export:
         export_model(args.dataset_dir, args.model_dir)
         return 0
