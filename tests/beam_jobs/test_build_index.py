@@ -23,18 +23,10 @@ from schemas.index import IndexInfo
 from schemas.publication import published_dir
 from schemas.warehouse import parquet_table_dir, parse_warehouse_uri
 from tests.fixtures import warehouses as wh
+from tests.fixtures.vectors import clustered_vectors
 from transforms.dead_letters import read_dead_letters
 
 CREATED_AT = datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc)
-
-
-def clustered_vectors(count: int, dimension: int, clusters: int, seed: int = 0) -> np.ndarray:
-    """Unit vectors around random cluster centres (the hard case for partitioning: uneven, dense clusters)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dimension))
-    sizes = rng.integers(0, clusters, count)
-    vectors = centres[sizes] + 0.35 * rng.normal(size=(count, dimension))
-    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 def write_parquet_warehouse(root: str, vectors: np.ndarray, model_version: str = "synthetic-v1") -> str:
