@@ -40,6 +40,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
+
 from schemas import counters
 from schemas import embedding as embedding_schema
 from schemas.publication import OutputExistsError, OutputRun
