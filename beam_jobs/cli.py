@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "build-index": "beam_jobs.build_index",
     "search": "beam_jobs.search",
     "serve-search": "beam_jobs.serve_search",
+    "near-duplicates": "beam_jobs.near_duplicates",
     "demo": "beam_jobs.demo",
 }
 
