@@ -15,7 +15,9 @@ Parameters follow ScaNN's own guidance, sized per shard:
   vectors, ScaNN's defaults (2,000 leaves trained on a 100k sample with
   ``min_partition_size=50``) built poor leaves; a training sample of
   ``TRAINING_POINTS_PER_LEAF`` points per leaf and ``min_partition_size=10``
-  fixed it, so those are the defaults here.
+  fixed most of it, so those are the defaults here, and a tree whose leaves
+  still hold too few of the neighbours is retrained on every point
+  (``build_searcher``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from schemas.index import ID_MAP_RECORD, ScannParams, ShardInfo
 BRUTE_FORCE_MAX_ROWS = 10_000
 AH_MAX_ROWS = 50_000
 TRAINING_POINTS_PER_LEAF = 100
+PARTITION_CHECK_QUERIES = 200
+PARTITION_RECALL_FLOOR = 0.9
 MIN_PARTITION_SIZE = 10
 AH_DIMENSIONS_PER_BLOCK = 2
 AH_THRESHOLD = 0.2
@@ -165,7 +169,6 @@ def build_shard(index_dir: str, shard: int, num_shards: int, rows: Iterable[Inde
     Raises:
       ValueError: Two rows share an image_id (the caller must dead-letter duplicates first).
     """
-    from retrieval import scann_compat
 
     ordered = sorted(rows, key=lambda row: row.image_id)
     ids = [row.image_id for row in ordered]
@@ -183,9 +186,9 @@ def build_shard(index_dir: str, shard: int, num_shards: int, rows: Iterable[Inde
     _write_bytes(index_schema.vectors_path(index_dir, name), buffer.getvalue())
     if not ordered:
         return ShardInfo(name=name, count=0, params=None)
-    params = choose_params(len(ordered), dimension)
     started = time.monotonic()
-    searcher = scann_compat.build(vectors, params, k, training_threads=training_threads)
+    searcher = build_searcher(vectors, ids, k, training_threads=training_threads)
+    params = searcher.params
     seconds = time.monotonic() - started
     target = index_schema.scann_dir(index_dir, name)
     if "://" in index_dir:
@@ -199,6 +202,52 @@ def build_shard(index_dir: str, shard: int, num_shards: int, rows: Iterable[Inde
         os.makedirs(target, exist_ok=True)
         searcher.save(target)
     return ShardInfo(name=name, count=len(ordered), params=params, build_seconds=round(seconds, 3))
+
+
+def partition_recall(searcher: Any, vectors: np.ndarray, ids: Sequence[str], k: int) -> float:
+    """How well a tree's leaves hold each point's neighbours: recall@k at the default leaves, re-scoring deep.
+
+    Re-scoring every candidate of the searched leaves takes AH's error out,
+    so what is left is the partitioning's: neighbours that fell in leaves
+    the query did not search. Queries are the shard's own rows (chosen by
+    hashed id, so the check is the same on every build).
+    """
+    from retrieval.index_tuning import exact_neighbors, query_sample_keys, recall_at_k
+
+    keys = query_sample_keys(list(ids), PARTITION_CHECK_QUERIES)
+    queries = vectors[keys]
+    exact_keys, exact_scores = exact_neighbors(vectors, queries, k, exclude=keys)
+    rows, scores = searcher.search(queries, k + 1, pre_reorder_num_neighbors=searcher.count)
+    own = rows == keys[:, None]
+    order = np.argsort(own, axis=1, kind="stable")[:, :k]
+    return recall_at_k(np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1),
+                       exact_keys, exact_scores)
+
+
+def build_searcher(vectors: np.ndarray, ids: Sequence[str], k: int, *, training_threads: int = 0,
+                   partition_recall_floor: float = PARTITION_RECALL_FLOOR) -> Any:
+    """A ScaNN searcher for one shard, with a training sample that gives good leaves.
+
+    Brute force and AH are built as ``choose_params`` says. A tree is first
+    trained on ``TRAINING_POINTS_PER_LEAF`` points per leaf; when its leaves
+    hold less than ``partition_recall_floor`` of the neighbours at the default
+    leaves searched (``partition_recall``), it is retrained on every point
+    and the better of the two is kept (measured on 1M clustered vectors: a
+    sample too small for the leaf count is what builds poor leaves).
+    """
+    from retrieval import scann_compat
+
+    params = choose_params(len(vectors), vectors.shape[1])
+    searcher = scann_compat.build(vectors, params, k, training_threads=training_threads)
+    if params.algorithm != "tree_ah" or (params.training_sample_size or 0) >= len(vectors):
+        return searcher
+    quality = partition_recall(searcher, vectors, ids, k)
+    if quality >= partition_recall_floor:
+        return searcher
+    retrained_params = dataclasses.replace(params, training_sample_size=len(vectors))
+    retrained = scann_compat.build(vectors, retrained_params, k, training_threads=training_threads)
+    retrained_quality = partition_recall(retrained, vectors, ids, k)
+    return retrained if retrained_quality > quality else searcher
 
 
 def read_id_map(index_dir: str, name: str) -> list[dict[str, Any]]:
