@@ -336,11 +336,14 @@ LIMIT $limit""",
 
 # Blocking by random-hyperplane LSH (SimHash): bit b of a row is the sign of
 # its embedding's dot product with hyperplane b, whose weights are +-1 from a
-# fixed hash of (b, dim) computed identically in both dialects; bits are cut
-# into `bands` integer keys of `band_bits` bits, and only pairs sharing a key
-# in some band are scored, instead of all n^2 pairs. A pair at cosine
-# similarity s agrees on a bit with probability p = 1 - acos(s)/pi, so it is
-# scored with probability 1 - (1 - p^band_bits)^bands.
+# fixed hash of (b, dim) computed identically in both dialects. Each row gets
+# a pool of POOL_BITS such bits; band j's key is the row's pool bits at
+# band_bits positions drawn for j (a mask), and only pairs sharing a key in
+# some band are candidates, instead of all n^2 pairs. Candidates whose whole
+# pools differ in more than max_code_distance bits are dropped before the
+# exact similarity is computed. A pair at cosine similarity s agrees on a bit
+# with probability p = 1 - acos(s)/pi; ``choose_lsh_settings`` turns that
+# into the probability of being found and the expected work.
 #
 # Fixed settings do not scale: on clustered embeddings unrelated pairs of the
 # same cluster share buckets far more often than uniform data suggests, and
@@ -350,16 +353,21 @@ LIMIT $limit""",
 # similarities of a fixed sample of rows: the settings with the least
 # estimated work that still find a pair at the threshold with probability
 # ``NEAR_DUPLICATE_RECALL``. band_bits = 0 means one bucket, every pair scored
-# (exact), which is what small tables get. A run whose estimate exceeds
-# ``max_candidate_pairs`` is refused before it starts.
+# (exact). A run whose estimated candidate pairs exceed
+# ``max_candidate_pairs`` is refused before it starts, naming the index route.
+# The pool caps how selective a key can be at that recall (band_bits 18 here),
+# so on clustered data the candidates still grow with n^2 past a few hundred
+# thousand rows: that is where the refusal sends users to the index.
 #
 # The hyperplanes are materialized once (one row per bit) and compared with
-# each row by a vector distance function: per (row, bit) one vectorized call
-# instead of one SQL row per (row, bit, dimension), about 10x faster in DuckDB.
+# each row by a vector function: per (row, bit) one vectorized call instead of
+# one SQL row per (row, bit, dimension), about 10x faster in DuckDB; a shared
+# pool makes signing cost POOL_BITS calls per row whatever the bands.
 # BigQuery has no dot product function: ``COSINE_DISTANCE <= 1`` is its
 # "dot product >= 0" (they differ only where |cosine| < 1e-16). DuckDB keys
-# rows by an integer rid for the self-join; BigQuery keys by image_id, as a
-# global ROW_NUMBER would sort the whole table on one worker.
+# rows by an integer rid for the self-join and materializes the CTEs it reads
+# twice; BigQuery keys by image_id, as a global ROW_NUMBER would sort the
+# whole table on one worker.
 _PLANE_WEIGHT = "IF({fract} >= 0.5, 1.0, -1.0)"
 
 
