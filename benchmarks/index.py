@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, handle, indent=1)
     title = (f"digits ({len(base):,} x {base.shape[1]})" if args.dataset == "digits"
              else f"{len(base):,} synthetic clustered {base.shape[1]}-d unit vectors")
-    command = "python -m benchmarks.index " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"python -m benchmarks.index --dataset {args.dataset}" + (
+        f" --rows {args.rows}" if args.dataset == "synthetic" else "")
     png = os.path.join(os.path.dirname(BENCHMARKS_DOC), f"index_{name}.png")
     text = report(name, title, command, results, len(base), base.shape[1], len(queries), png, args.loaded)
     print(text)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     connection.close()
     warehouse = f"duckdb:{path}"
     lines = [f"## near_duplicates: {len(ids):,} synthetic clustered 128-d unit vectors, 50 planted pairs", "",
-             f"`python -m benchmarks.near_duplicates {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+             f"`python -m benchmarks.near_duplicates --rows {args.rows}{' --index' if args.index else ''}`", "",
              f"CPU: {cpu_model()}. {args.loaded}", "", "| route | settings | wall s | CPU s | pairs found | "
              "planted found |", "|---|---|---:|---:|---:|---:|"]
 
