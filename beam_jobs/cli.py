@@ -11,10 +11,11 @@ import contextlib
 import hashlib
 import importlib
 import io
-import logging
 import os
 import sys
 import tempfile
+
+from beam_jobs import console
 
 # Sub-command -> module whose ``main(argv)`` runs it.
 COMMANDS: dict[str, str] = {
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(arg in _HELP_FLAGS for arg in rest):
         print_job_help(command, COMMANDS[command], rest)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console.configure_logging()  # Libraries' INFO off the terminal unless VISION_PIPELINES_VERBOSE=1.
     module = importlib.import_module(COMMANDS[command])
     return int(module.main(rest) or 0)
 

@@ -1,8 +1,11 @@
-"""A readable terminal for the jobs: library chatter goes to a log file, not the screen.
+"""A readable terminal for the jobs: library chatter stays off the screen.
+
+``configure_logging`` (the CLI calls it for every job) keeps the project's
+INFO messages and the libraries' warnings. The demo goes further:
 
 TensorFlow, absl, gRPC and Beam log at INFO and WARNING from Python *and*
 from C++ (which writes straight to file descriptor 2, past any Python logging
-setting), so quieting the loggers alone still leaves a screen of noise.
+setting), so quieting the loggers alone still leaves some noise, and
 ``quiet_stderr`` moves descriptor 2 itself to a log file for the duration
 and hands back a stream to the real terminal, so everything the libraries
 print is kept for debugging and only what the caller chooses to print is
@@ -13,9 +16,47 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 from typing import Iterator, TextIO
+
+VERBOSE_ENV = "VISION_PIPELINES_VERBOSE"  # Set to 1 to see every library's INFO log from any job.
+# Libraries whose INFO logs are about their own machinery, not about the job's data.
+LIBRARY_LOGGERS = ("apache_beam", "tensorflow", "absl", "tensorflow_transform", "tfx_bsl", "keras", "h5py", "google",
+                   "urllib3", "grpc", "matplotlib", "PIL", "sqlglot")
+_TF_CPP_LEVEL = "TF_CPP_MIN_LOG_LEVEL"  # Read by TensorFlow's C++ logging when TensorFlow is imported.
+_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+_quieted_tf_cpp = False
+
+
+def configure_logging(verbose: bool | None = None) -> bool:
+    """Logging for a job run from the command line: the project's INFO, the libraries' warnings.
+
+    Call it before TensorFlow is imported: its C++ logs are filtered only
+    through an environment variable read at import time. TensorFlow 2.21
+    still prints the few lines logged while its libraries load (before absl
+    logging is initialised: CPU features, oneDNN, CUDA probing) whatever the
+    variable says; only moving descriptor 2 hides those (``quiet_stderr``).
+    ``verbose`` (default: ``$VISION_PIPELINES_VERBOSE`` set to anything but
+    0) shows every library's INFO again.
+
+    Returns:
+      Whether the logging is verbose.
+    """
+    global _quieted_tf_cpp
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    if not verbose and _TF_CPP_LEVEL not in os.environ:
+        os.environ[_TF_CPP_LEVEL] = "2"  # Errors only (2); 3 would hide TensorFlow's errors too.
+        _quieted_tf_cpp = True
+    elif verbose and _quieted_tf_cpp:
+        os.environ.pop(_TF_CPP_LEVEL, None)
+        _quieted_tf_cpp = False
+    return verbose
 
 
 @contextlib.contextmanager

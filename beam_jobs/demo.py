@@ -32,16 +32,20 @@ import logging
 import os
 import shlex
 import sys
+import threading
 import time
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-from beam_jobs.console import Tee, quiet_stderr, tail
+from beam_jobs.console import Tee, configure_logging, quiet_stderr, tail
+
+if TYPE_CHECKING:
+    from schemas.leaderboard import Leaderboard
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 3
 SEARCH_QUERIES = 3  # Test images searched for (one per label, the first labels).
-SEARCH_K = 6
+SEARCH_K = 5
 NEIGHBORS_K = 5
 SQL_LIMIT = 8
 _COUNT_SQL = "SELECT COUNT(*) AS images, COUNT(DISTINCT label) AS labels FROM {table}"
@@ -49,6 +53,10 @@ PREDICTION_EXAMPLES = 12  # Right predictions shown (every wrong one is shown, u
 # Bad manifest rows appended to the digits: each becomes a dead letter with its own reason.
 BAD_ROWS = (("missing.png", "3", None), ("notes.png", "1", b"these are notes, not an image\n"),
             ("truncated.png", "7", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00"))
+
+
+STREAMING_NOTE = ("Not in this demo: streaming (stream-predict through the Pub/Sub emulator), which has no "
+                  "late-label input or windowed accuracy to show yet.")
 
 
 class StageFailed(RuntimeError):
@@ -135,14 +143,24 @@ class Demo:
 
     def run_stage(self, number: int, total: int, name: str, body: Callable[[Stage], None]) -> None:
         stage = Stage(name)
-        self.console.write(f"[{number}/{total}] {name:<19}")
+        prefix = f"[{number}/{total}] {name:<19}"
+        self.console.write(prefix)
         self.console.flush()
+        # On a terminal the line counts the seconds while the stage runs, so a long training step does not look hung.
+        ticking = self.console.isatty() and not self.config.verbose
+        stop = threading.Event()
+        ticker = threading.Thread(target=_tick, args=(self.console, prefix, stop), daemon=True)
+        if ticking:
+            ticker.start()
         started = time.monotonic()
         try:
             body(stage)
         finally:
             stage.seconds = time.monotonic() - started
-        self.console.write(f"{stage.detail}  ({stage.seconds:.1f} s)\n")
+            if ticking:
+                stop.set()
+                ticker.join()
+        self.console.write(("\r\x1b[K" + prefix if ticking else "") + f"{stage.detail}  ({stage.seconds:.1f} s)\n")
         self.console.flush()
         self.stages.append(stage)
 
@@ -203,10 +221,8 @@ class Demo:
         metrics = ModelMetrics.read(published_dir(self.config.path("model", "best")))
         self.values["leaderboard"], self.values["model_metrics"] = board, metrics
         test = f"test accuracy {metrics.test.accuracy:.4f}" if metrics.test else "no test split"
-        published = board.publication.published if board.publication else False
         stage.detail = (f"{len(board.trials)} trial, {metrics.epochs_run} epochs, val accuracy "
-                        f"{metrics.validation.accuracy:.4f}, {test}; {'published' if published else 'NOT published'}"
-                        f" model {metrics.model_version[:12]}")
+                        f"{metrics.validation.accuracy:.4f}, {test}; {_publication_text(board)}")
 
     def batch_predict(self, stage: Stage) -> None:
         from beam_jobs import batch_predict
@@ -313,7 +329,8 @@ class Demo:
 
         rows = self.values["prediction_rows"]
         wrong = [row for row in rows if row[prediction.LABEL] != row[prediction.TRUE_LABEL]][:PREDICTION_EXAMPLES]
-        right = [row for row in rows if row[prediction.LABEL] == row[prediction.TRUE_LABEL]][:PREDICTION_EXAMPLES]
+        right = _spread_by_label([row for row in rows if row[prediction.LABEL] == row[prediction.TRUE_LABEL]],
+                                 PREDICTION_EXAMPLES)
         examples = [report_html.PredictionExample(row[prediction.URI], row[prediction.TRUE_LABEL],
                                                   row[prediction.LABEL], float(row[prediction.SCORE]))
                     for row in right + wrong]
@@ -333,11 +350,47 @@ class Demo:
             predictions=examples, index=self.values["index"], searches=self.values["searches"],
             sql=self.values["sql"], thumbnails={uri: _thumbnail(uri) for uri in sorted(uris)},
             total_seconds=total_seconds,
-            omitted=["--streaming (stream_predict through the Pub/Sub emulator) is not part of this demo yet."],
+            omitted=[STREAMING_NOTE],
         )
         path = self.config.path("report.html")
         write_file_atomically(path, report_html.render(report).encode("utf-8"))
         return path
+
+
+def _tick(console: TextIO, prefix: str, stop: threading.Event) -> None:
+    started = time.monotonic()
+    while not stop.wait(1.0):
+        console.write(f"\r\x1b[K{prefix}{time.monotonic() - started:.0f} s ...")
+        console.flush()
+
+
+def _publication_text(board: "Leaderboard") -> str:
+    """What happened to best/, short: a rerun that reproduces the published model is not news."""
+    decision = board.publication
+    if decision is None or decision.model_version is None:
+        return "nothing published"
+    best = next((trial for trial in board.trials if trial.trial_id == board.best_trial), None)
+    version = decision.model_version[:12]
+    if decision.published:
+        return f"published model {version}"
+    if best is not None and best.model_version == decision.model_version:
+        return f"model {version} (already published)"
+    return f"best/ keeps model {version}: {decision.reason}"
+
+
+def _spread_by_label(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Up to ``count`` rows taking each true label in turn (rows sorted by URI would all be digit 0)."""
+    from schemas import prediction
+
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_label.setdefault(str(row[prediction.TRUE_LABEL]), []).append(row)
+    chosen: list[dict[str, Any]] = []
+    while len(chosen) < count and any(by_label.values()):
+        for label in sorted(by_label):
+            if by_label[label] and len(chosen) < count:
+                chosen.append(by_label[label].pop(0))
+    return chosen
 
 
 def _thumbnail(uri: str) -> str:
@@ -405,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--workdir {config.workdir} is not empty; pass --overwrite to run the demo again there "
             "(each job then replaces its output under the output rule)"))
     os.makedirs(config.workdir, exist_ok=True)
+    # Every library logs in full: to the terminal with --verbose, otherwise into demo.log, off the screen.
+    configure_logging(verbose=True)
     log_path = config.path("demo.log")
     console = sys.stdout
     console.write(f"vision-pipelines demo into {config.workdir}"
@@ -430,5 +485,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main())

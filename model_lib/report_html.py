@@ -226,8 +226,9 @@ def _training(report: DemoReport) -> str:
         rows.append([_e(rank), _e(trial.trial_id), _e(trial.hparams.get("arch", "")),
                      _number(trial.validation["accuracy"]), test, _e(trial.epochs_run), f"{trial.train_seconds:.0f} s"])
     decision = board.publication
-    published = (f"<p>{'Published' if decision.published else 'Not published'}: {_e(decision.reason)} "
-                 f"(model_version <code>{_e(decision.model_version or '')}</code>)</p>") if decision else ""
+    published = (f"<p>Best trial {_e(board.best_trial)} {'published to best/' if decision.published else 'not published'}"
+                 f" ({_e(decision.reason)}); best/ holds model_version <code>{_e(decision.model_version or '')}</code>.</p>"
+                 ) if decision else ""
     test = metrics.test
     test_line = (f"test accuracy {test.accuracy:.4f}, macro F1 {test.macro_f1:.4f} on {test.count} images"
                  if test else "no test split")
@@ -315,6 +316,8 @@ def _search(report: DemoReport) -> str:
 def _cell(report: DemoReport, column: str, value: Any) -> str:
     if column == "uri" or column.startswith("uri_"):
         return _thumb(report, str(value), _e(str(value).rsplit("/", 1)[-1]))
+    if column == "image_id" or column.startswith("image_id_"):
+        return f'<code title="{_e(value)}">{_e(str(value)[:12])}</code>'
     if column == "embedding" or isinstance(value, (list, tuple)):
         return _e(f"[{len(value)} values]")
     return _number(value)

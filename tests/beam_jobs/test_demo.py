@@ -1,0 +1,196 @@
+"""The demo command, run once for real (a subprocess, as a user types it) on a few hundred digits.
+
+Checks what a person sees: one progress line per stage and no library noise
+on the terminal, numbers that match the artifacts the jobs wrote (read
+through their contracts), and a report.html that is self-contained and
+renders in a real headless browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from beam_jobs import demo, sql
+from schemas import layout, prediction
+from schemas.classification_metrics import EvalReport, ModelMetrics
+from schemas.dataset_info import DatasetInfo
+from schemas.index import IndexInfo
+from schemas.publication import published_dir
+
+LIMIT = 400
+EPOCHS = 2
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STAGE_LINE = re.compile(r"^\[(\d)/(\d)\] (\S+)\s+(.*)  \((\d+\.\d) s\)$")
+NOISE = re.compile(r"\bINFO\b|\bWARNING\b|tensorflow|absl|I0000|W0000|oneDNN|cuda|Traceback", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoRun:
+    workdir: str
+    stdout: str
+    stderr: str
+    stages: dict[str, str]  # Stage name -> its progress line's result text.
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    workdir = str(tmp_path_factory.mktemp("demo") / "work")
+    done = subprocess.run(
+        [sys.executable, "-m", "beam_jobs.cli", "demo", "--workdir", workdir, "--limit", str(LIMIT),
+         "--epochs", str(EPOCHS)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    stages = {}
+    for line in done.stdout.splitlines():
+        match = STAGE_LINE.match(line)
+        if match:
+            stages[match.group(3)] = match.group(4)
+    return DemoRun(workdir, done.stdout, done.stderr, stages)
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in {text!r}"
+    return float(match.group(1))
+
+
+def test_one_progress_line_per_stage_and_no_library_noise(demo_run: DemoRun) -> None:
+    assert list(demo_run.stages) == [name for name, _ in demo.STAGES]
+    assert not NOISE.search(demo_run.stdout), demo_run.stdout
+    assert demo_run.stderr == ""
+    assert "report: " in demo_run.stdout and "== train ==" in demo_run.stdout  # Summaries at the end.
+    # The libraries did log: into demo.log, not onto the terminal.
+    with open(os.path.join(demo_run.workdir, "demo.log")) as handle:
+        assert "INFO" in handle.read()
+
+
+def test_summary_numbers_match_the_artifacts(demo_run: DemoRun) -> None:
+    work = demo_run.workdir
+    info = DatasetInfo.read(published_dir(os.path.join(work, "dataset")))
+    line = demo_run.stages["create-dataset"]
+    assert info.accounting.balanced and info.accounting.read == LIMIT + len(demo.BAD_ROWS)
+    assert _number(r"read (\d+)", line) == info.accounting.read
+    assert _number(r"written (\d+)", line) == info.accounting.written == LIMIT
+    assert _number(r"rejected (\d+)", line) == info.accounting.rejected == len(demo.BAD_ROWS)
+    assert set(info.rejected) == {"missing_file", "not_an_image", "corrupt_image"}
+    for split in info.split_names:
+        assert _number(rf"{split} (\d+)", line) == info.counts[split].total
+
+    metrics = ModelMetrics.read(published_dir(os.path.join(work, "model", "best")))
+    line = demo_run.stages["train"]
+    assert metrics.epochs_run == EPOCHS and f"{EPOCHS} epochs" in line
+    assert _number(r"val accuracy ([\d.]+)", line) == pytest.approx(metrics.validation.accuracy, abs=1e-4)
+    assert _number(r"test accuracy ([\d.]+)", line) == pytest.approx(metrics.test.accuracy, abs=1e-4)
+
+    evaluation = EvalReport.read(layout.join(published_dir(os.path.join(work, "predictions")), prediction.EVAL_FILE))
+    line = demo_run.stages["batch-predict"]
+    assert _number(r"(\d+) predicted", line) == evaluation.count == info.counts["test"].total
+    assert _number(r"accuracy ([\d.]+)", line) == pytest.approx(evaluation.accuracy, abs=1e-4)
+    wrong = evaluation.count - sum(evaluation.confusion_matrix[i][i] for i in range(len(evaluation.labels)))
+    assert _number(r"(\d+) wrong", line) == wrong
+
+    count = sql.run(["--warehouse", f"duckdb:{work}/warehouse.duckdb", "--sql", "SELECT COUNT(*) AS n FROM {table}"])
+    assert _number(r"(\d+) images", demo_run.stages["extract-embeddings"]) == count.rows[0][0] == LIMIT
+
+    index = IndexInfo.read(published_dir(os.path.join(work, "index")))
+    line = demo_run.stages["build-index"]
+    assert _number(r"(\d+) indexed", line) == index.count == LIMIT
+    assert _number(rf"recall@{index.k} ([\d.]+)", line) == pytest.approx(index.recall_at_k, abs=1e-4)
+    assert f"{demo.SEARCH_QUERIES} test images" in demo_run.stages["search"]
+    assert f"neighbors {demo.NEIGHBORS_K} rows" in demo_run.stages["sql"]
+
+
+def _report(demo_run: DemoRun) -> str:
+    with open(os.path.join(demo_run.workdir, "report.html"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_report_is_self_contained_with_every_section(demo_run: DemoRun) -> None:
+    page = _report(demo_run)
+    for section in ("stages", "dataset", "training", "evaluation", "predictions", "index", "search", "sql"):
+        assert f'<section id="{section}">' in page
+    for text in ("Rejections by reason", "missing_file", "Confusion matrix", "Per-class metrics", "Right (",
+                 "Wrong (", "recall@", "queries/s", "label_outliers", "near_duplicates", "neighbors", "<svg"):
+        assert text in page, text
+    # Nothing is fetched from anywhere: no URL, no linked stylesheet or script, every image inlined.
+    assert not re.search(r"https?://|<link|<script|url\(|file:", page)
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    search_hits = demo.SEARCH_QUERIES * (demo.SEARCH_K + 1)  # Queries and their hits.
+    assert len(sources) >= search_hits + demo.NEIGHBORS_K
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))) as image:
+            assert image.size == (64, 64)
+    rows = sum(1 for name in os.listdir(published_dir(os.path.join(demo_run.workdir, "predictions")))
+               if name.startswith(prediction.PREDICTIONS_PREFIX))
+    assert rows >= 1
+    assert page.count('<figure class="wrong">') == min(demo.PREDICTION_EXAMPLES, _wrong_predictions(demo_run))
+
+
+def _wrong_predictions(demo_run: DemoRun) -> int:
+    evaluation = EvalReport.read(layout.join(published_dir(os.path.join(demo_run.workdir, "predictions")),
+                                             prediction.EVAL_FILE))
+    return evaluation.count - sum(evaluation.confusion_matrix[i][i] for i in range(len(evaluation.labels)))
+
+
+def test_a_non_empty_workdir_needs_overwrite(demo_run: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--workdir", demo_run.workdir]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--overwrite" in error
+
+
+def test_a_misspelled_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--workdir", "x", "--verbos"])
+    assert exit_info.value.code == 2
+    assert "--verbos" in capsys.readouterr().err
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_report_renders_in_headless_chromium(demo_run: DemoRun, tmp_path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    browser, driver_path = _chromium()  # type: ignore[misc]
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1300,2000"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get("file://" + os.path.join(demo_run.workdir, "report.html"))
+        images = driver.find_elements(By.TAG_NAME, "img")
+        assert len(images) >= demo.SEARCH_QUERIES * (demo.SEARCH_K + 1)
+        broken = driver.execute_script(
+            "return Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length")
+        assert broken == 0
+        headings = [element.text for element in driver.find_elements(By.TAG_NAME, "h2")]
+        assert headings[:3] == ["Stages", "Dataset", "Training"] and "Search results" in headings
+        assert driver.find_element(By.CSS_SELECTOR, "svg.chart").size["width"] > 0
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1300, min(height + 50, 8000))
+        screenshot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(screenshot))
+        with Image.open(screenshot) as image:
+            assert image.width >= 1000 and image.height >= 1000
+    finally:
+        driver.quit()
