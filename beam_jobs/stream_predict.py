@@ -12,10 +12,15 @@ Outputs:
   (``schemas.stream_prediction.STREAM_PREDICTION_RECORD``: image_id, message
   id, label, top-k, model_version, event and processing time), with
   ``image_id`` and ``message_id`` attributes;
+- optionally ``--metrics_topic``: a ``MonitoringReport`` JSON (counts per label
+  and model version, latency p50/p95/p99) every ``--monitoring_interval_secs``,
+  and the same as Beam metrics (``end_to_end_latency_ms``, ``predicted_label_*``);
 - ``--dead_letter_topic``: one ``DeadLetter`` JSON per malformed message,
   unreadable or oversized image or failed inference (naming the message as
   ``pubsub:MESSAGE_ID``), and an alert for every model version refused;
-- optionally ``--bigquery_table P.D.T`` (streaming inserts of the same rows).
+- optionally ``--bigquery_table P.D.T``: the same rows by streaming inserts
+  whose insert id is the input message id, so BigQuery drops (best effort)
+  a redelivered message's second row (``transforms.bigquery_inserts``).
 Every message comes out on exactly one of the two topics: read = predicted +
 rejected in the job's Beam metrics.
 
@@ -46,11 +51,13 @@ import sys
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.gcp.pubsub import WriteToPubSub
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions, WorkerOptions
 from apache_beam.runners.runner import PipelineResult
 
 from schemas import counters
-from schemas.stream_prediction import STREAM_PREDICTIONS_TABLE
+from schemas.stream_prediction import MESSAGE_ID, STREAM_PREDICTIONS_TABLE
+from transforms.bigquery_inserts import InsertRowsWithIds
 from transforms.dead_letters import counter_total
 from transforms.inference_options import ModelConfig, ModelOptions
 from transforms.model_handler import PredictImages
@@ -58,7 +65,7 @@ from transforms.model_refresh import ALERTS, RefreshingImageModelHandler, WatchM
 from transforms.prediction_rows import FormatStreamPredictionFn
 from transforms.pubsub_io import MESSAGE_FORMATS, PublishDeadLetters, PublishRows, ReadImageMessages
 from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
-from transforms.warehouse import WriteToWarehouse
+from transforms.stream_monitoring import MonitorPredictions, report_message
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -91,6 +98,11 @@ class StreamPredictOptions(ModelOptions):
         parser.add_argument("--max_batch_duration_secs", type=float, default=0.0,
                             help="0: batch what one bundle holds, never waiting; > 0: a batch waits up to this "
                                  "long for more messages (per worker process).")
+        parser.add_argument("--metrics_topic", default=None,
+                            help="projects/P/topics/T for a monitoring report (counts per label and model "
+                                 "version, latency percentiles) every --monitoring_interval_secs.")
+        parser.add_argument("--monitoring_interval_secs", type=int, default=60,
+                            help="Processing-time seconds between two monitoring reports.")
         parser.add_argument("--model_refresh_secs", type=float, default=DEFAULT_MODEL_REFRESH_SECS,
                             help="Least seconds between two reads of --model_dir's CURRENT pointer.")
 
@@ -110,6 +122,8 @@ class StreamPredictConfig:
     output_topic: str
     dead_letter_topic: str
     bigquery_table: str | None
+    metrics_topic: str | None
+    monitoring_interval_secs: int
     message_format: str
     timestamp_attribute: str | None
     top_k: int
@@ -125,7 +139,7 @@ class StreamPredictConfig:
             if not getattr(flags, name):
                 raise ValueError(f"--{name} is required")
         _check_path("input_subscription", flags.input_subscription, _SUBSCRIPTION_RE, "projects/P/subscriptions/S")
-        for name in ("input_topic", "output_topic", "dead_letter_topic"):
+        for name in ("input_topic", "output_topic", "dead_letter_topic", "metrics_topic"):
             _check_path(name, getattr(flags, name), _TOPIC_RE, "projects/P/topics/T")
         _check_path("bigquery_table", flags.bigquery_table, _TABLE_RE, "PROJECT.DATASET.TABLE")
         if flags.top_k < 1:
@@ -133,6 +147,9 @@ class StreamPredictConfig:
         if flags.max_batch_duration_secs < 0:
             raise ValueError("--max_batch_duration_secs must be >= 0. "
                              f"Received `max_batch_duration_secs={flags.max_batch_duration_secs}`")
+        if flags.monitoring_interval_secs < 1:
+            raise ValueError("--monitoring_interval_secs must be >= 1. "
+                             f"Received `monitoring_interval_secs={flags.monitoring_interval_secs}`")
         if flags.model_refresh_secs <= 0:
             raise ValueError(f"--model_refresh_secs must be > 0. Received `model_refresh_secs={flags.model_refresh_secs}`")
         return cls(
@@ -142,6 +159,8 @@ class StreamPredictConfig:
             output_topic=flags.output_topic,
             dead_letter_topic=flags.dead_letter_topic,
             bigquery_table=flags.bigquery_table,
+            metrics_topic=flags.metrics_topic,
+            monitoring_interval_secs=flags.monitoring_interval_secs,
             message_format=flags.message_format,
             timestamp_attribute=flags.timestamp_attribute,
             top_k=flags.top_k,
@@ -208,8 +227,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: StreamPredictConfig,
     rows, predict_letters, alerts = images | "StreamPredict" >> StreamPredict(handler, config.top_k)
     _ = rows | "PublishPredictions" >> PublishRows(config.output_topic)
     if config.bigquery_table:
-        _ = rows | "StreamToBigQuery" >> WriteToWarehouse(f"bigquery:{config.bigquery_table}",
-                                                          STREAM_PREDICTIONS_TABLE)
+        _ = rows | "StreamToBigQuery" >> InsertRowsWithIds(config.bigquery_table, STREAM_PREDICTIONS_TABLE,
+                                                           MESSAGE_ID)
+    if config.metrics_topic:
+        _ = (
+            rows
+            | "MonitorPredictions" >> MonitorPredictions(config.monitoring_interval_secs)
+            | "FormatReports" >> beam.Map(report_message)
+            | "PublishReports" >> WriteToPubSub(config.metrics_topic)
+        )
     letters = (read_letters, predict_letters) | "MergeDeadLetters" >> beam.Flatten()
     _ = letters | "PublishDeadLetters" >> PublishDeadLetters(config.dead_letter_topic)
     _ = alerts | "PublishModelAlerts" >> PublishDeadLetters(config.dead_letter_topic, count=False)

@@ -28,6 +28,8 @@ from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.image_inputs import ImageInput
 
 KeyedResult = tuple[str, PredictionResult]
+LATENCY_MS_DISTRIBUTION = "end_to_end_latency_ms"
+PREDICTED_LABEL_COUNTER_PREFIX = "predicted_label_"
 
 
 def top_k(probabilities: np.ndarray, labels: Sequence[str], k: int) -> tuple[list[str], list[float]]:
@@ -149,5 +151,16 @@ class FormatStreamPredictionFn(_FormatRowsFn):
         super().__init__(labels, top_k)
         self._clock = clock
 
+    def setup(self) -> None:
+        super().setup()
+        # Beam metrics for dashboards: end-to-end latency and predictions per label.
+        self._latency_ms = Metrics.distribution(METRICS_NAMESPACE, LATENCY_MS_DISTRIBUTION)
+        self._per_label = {label: Metrics.counter(METRICS_NAMESPACE, f"{PREDICTED_LABEL_COUNTER_PREFIX}{label}")
+                           for label in self._labels}
+
     def _format(self, result: KeyedResult) -> dict[str, Any]:
-        return stream_prediction_row(result, self._labels, self._top_k, processing_time=self._clock())
+        row = stream_prediction_row(result, self._labels, self._top_k, processing_time=self._clock())
+        latency = row[stream_schema.PROCESSING_TIME] - row[stream_schema.EVENT_TIME]
+        self._latency_ms.update(int(latency.total_seconds() * 1000))
+        self._per_label[row[prediction_schema.LABEL]].inc()
+        return row

@@ -12,6 +12,7 @@ fire batching timers while it waits on Pub/Sub.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import datetime
 import io
@@ -25,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.api_core.exceptions import NotFound
 from PIL import Image
 
 from beam_jobs import stream_predict
@@ -35,6 +37,7 @@ from schemas.model_artifacts import ModelInfo
 from schemas.publication import POINTER_FILE, write_file_atomically
 from transforms import images, model_refresh, pubsub_io
 from transforms.model_handler import INFERENCE_FAILED
+from transforms.stream_monitoring import MonitoringReport
 
 MESSAGES = 200
 MAX_PIXELS = 1_000_000
@@ -123,6 +126,28 @@ def collect(pubsub_emulator, subscription: str, count: int, timeout_s: float = C
     return received
 
 
+def collect_reports(pubsub_emulator, input_topic: str, subscription: str, predictions: int,
+                    timeout_s: float = 90.0) -> list[MonitoringReport]:
+    """Monitoring reports until they cover ``predictions``.
+
+    A processing-time pane fires only when the local runner runs again, so an
+    idle input is nudged with one (malformed, dead-lettered) message a second.
+    """
+    reports: list[MonitoringReport] = []
+    deadline = time.monotonic() + timeout_s
+    with pubsub_emulator.subscriber() as subscriber:
+        while sum(r.count for r in reports) < predictions and time.monotonic() < deadline:
+            publish(pubsub_emulator, input_topic, [(b"nudge", {})])
+            response = subscriber.pull(request={"subscription": subscription, "max_messages": 100}, timeout=10)
+            if response.received_messages:
+                subscriber.acknowledge(request={"subscription": subscription,
+                                                "ack_ids": [m.ack_id for m in response.received_messages]})
+                reports.extend(MonitoringReport.from_json(m.message.data.decode("utf-8"))
+                               for m in response.received_messages)
+            time.sleep(1)
+    return reports
+
+
 def rows_of(messages: list[Any]) -> list[dict[str, Any]]:
     return [json.loads(m.data.decode("utf-8")) for m in messages]
 
@@ -185,12 +210,16 @@ def test_every_message_gives_one_prediction_equal_to_the_saved_model_and_bad_one
         messages.insert(17 + 31 * offset, (data, {}))
 
     with topics(pubsub_emulator) as paths:
+        metrics_topic = pubsub_emulator.create_topic()
+        metrics_sub = pubsub_emulator.create_subscription(metrics_topic)
         started = time.time()
         with running_job(pubsub_emulator, paths, trained_digits_model, "--message_format", "json_base64",
-                         "--max_batch_size", "8"):
+                         "--max_batch_size", "8", "--metrics_topic", metrics_topic,
+                         "--monitoring_interval_secs", "2"):
             ids = publish(pubsub_emulator, paths["input"], messages)
             outputs = collect(pubsub_emulator, paths["output_sub"], MESSAGES)
             dead = collect(pubsub_emulator, paths["dead_sub"], len(bad))
+            reports = collect_reports(pubsub_emulator, paths["input"], metrics_sub, MESSAGES)
 
     rows = rows_of(outputs)
     assert len(rows) == MESSAGES
@@ -207,6 +236,12 @@ def test_every_message_gives_one_prediction_equal_to_the_saved_model_and_bad_one
         processed = datetime.datetime.fromisoformat(row["processing_time"]).timestamp()
         assert started - 2 <= event <= processed <= time.time()
     assert {m.attributes["image_id"] for m in outputs} == set(by_id)
+
+    assert sum(r.count for r in reports) == MESSAGES
+    assert sum((collections.Counter(r.label_counts) for r in reports), collections.Counter()) == \
+        collections.Counter(row["label"] for row in rows)
+    assert {v for r in reports for v in r.model_versions} == {info.model_version}
+    assert all(0 <= r.latency_p50_s <= r.latency_p95_s <= r.latency_p99_s < COLLECT_TIMEOUT_S for r in reports)
 
     letters = letters_of(dead)
     want_letters = {f"pubsub:{message_ids[data]}": reason for data, reason in bad.values()}
@@ -287,21 +322,41 @@ def test_pointer_switch_changes_model_version_without_restart_and_a_broken_expor
     assert "retrained-b" in alerts[0].message
 
 
-def test_raw_bytes_messages_take_the_image_id_attribute(pubsub_emulator, trained_digits_model, digit_files, serving):
+def test_raw_bytes_messages_take_the_image_id_attribute_and_stream_into_bigquery(
+    pubsub_emulator, bigquery_emulator, trained_digits_model, digit_files, serving
+):
     info = ModelInfo.read(trained_digits_model)
     good = [(f"raw-{i}", data) for i, (_, data) in enumerate(digit_files[:5])]
+    table = f"{bigquery_emulator.create_dataset()}.stream_predictions"
     with topics(pubsub_emulator) as paths:
-        with running_job(pubsub_emulator, paths, trained_digits_model, "--message_format", "raw_bytes"):
+        with running_job(pubsub_emulator, paths, trained_digits_model, "--message_format", "raw_bytes",
+                         "--bigquery_table", table):
             ids = publish(pubsub_emulator, paths["input"],
                           [(data, {"image_id": image_id}) for image_id, data in good] + [(good[0][1], {})])
             rows = rows_of(collect(pubsub_emulator, paths["output_sub"], len(good)))
             dead = letters_of(collect(pubsub_emulator, paths["dead_sub"], 1))
+            stored = read_table(bigquery_emulator, table, len(good))
     by_id = {row[prediction.IMAGE_ID]: row for row in rows}
     assert sorted(by_id) == sorted(image_id for image_id, _ in good)
     for (image_id, _), want in zip(good, serving([data for _, data in good])):
         assert_matches_saved_model(by_id[image_id], want, info)
         assert by_id[image_id]["uri"] == f"pubsub:{by_id[image_id]['message_id']}"
     assert [(d.input_ref, d.error_type) for d in dead] == [(f"pubsub:{ids[-1]}", pubsub_io.MALFORMED_MESSAGE)]
+    assert sorted((r["image_id"], r["message_id"], r["label"], r["model_version"]) for r in stored) == sorted(
+        (row["image_id"], row["message_id"], row["label"], row["model_version"]) for row in rows)
+
+
+def read_table(bigquery_emulator, table: str, count: int, timeout_s: float = 60) -> list[dict[str, Any]]:
+    """The table's rows once ``count`` are there (the sink and the topic are separate branches)."""
+    stored: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(stored) < count and time.monotonic() < deadline:
+        try:
+            stored = [dict(r) for r in bigquery_emulator.client().query(f"SELECT * FROM `{table}`").result()]
+        except NotFound:  # The table does not exist until the sink's setup created it.
+            pass
+        time.sleep(0.5)
+    return stored
 
 
 @pytest.mark.parametrize("argv, fragment", [
