@@ -38,6 +38,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from retrieval.index_tuning import TargetRecallNotMet
+from schemas import counters
 from schemas.index import IndexInfo
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import OutputExistsError, OutputRun, published_dir
@@ -48,7 +49,7 @@ from transforms.warehouse_read import READ_COUNTER, ReadFromWarehouse, Warehouse
 
 _LOGGER = logging.getLogger(__name__)
 
-REJECTED_COUNTER = "rejected"
+REJECTED_COUNTER = counters.REJECTED
 MAX_SHARDS = 1024
 MAX_K = 1000
 

@@ -23,6 +23,8 @@ import hashlib
 import importlib.metadata
 import logging
 import math
+import shutil
+import tempfile
 import time
 from typing import Sequence
 
@@ -262,8 +264,15 @@ def finalize_index(run_dir: str, shards: Sequence[ShardInfo], *, model_version: 
     from retrieval import scann_compat
 
     shards = sorted(shards, key=lambda s: s.name)
-    index = ShardedIndex.open(run_dir, shards, dimension, cache_dir=cache_dir)
-    result = tune(index, k, target_recall, query_sample_size=query_sample_size)
+    # A gs:// run's shards are staged for tuning into a temporary cache that goes afterwards: the
+    # worker doing this never searches the index again.
+    own_cache = tempfile.mkdtemp(prefix="index-tuning-") if cache_dir is None and "://" in run_dir else None
+    try:
+        index = ShardedIndex.open(run_dir, shards, dimension, cache_dir=cache_dir or own_cache)
+        result = tune(index, k, target_recall, query_sample_size=query_sample_size)
+    finally:
+        if own_cache is not None:
+            shutil.rmtree(own_cache, ignore_errors=True)
     info = IndexInfo(
         model_version=model_version,
         count=index.count,
