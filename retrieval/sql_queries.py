@@ -1066,7 +1066,7 @@ class DuckDBSqlEngine:
         from apache_beam.io.filesystem import BeamIOError
         from apache_beam.io.filesystems import FileSystems
 
-        from transforms.warehouse import parquet_table_glob
+        from schemas.warehouse import parquet_table_glob
 
         pattern = parquet_table_glob(warehouse)
         try:
