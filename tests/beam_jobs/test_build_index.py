@@ -158,3 +158,16 @@ def test_empty_table_and_unknown_version_exit_with_one_line(tmp_path, capsys) ->
     assert err.count("\n") == 1 and "empty" in err
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
     assert build_index.main(["--warehouse", uri, "--output_dir", str(tmp_path / "c"), "--num_shard", "2"]) == 2
+
+
+def test_a_model_dir_of_another_version_is_refused_before_anything_runs(tmp_path, capsys) -> None:
+    from schemas.model_artifacts import ModelInfo
+
+    rows = wh.digits_embedding_rows("m1", count=20, method="pca", created_at=CREATED_AT)
+    uri = _write_duckdb(str(tmp_path / "w.duckdb"), rows)
+    model_dir = str(tmp_path / "model")
+    ModelInfo(architecture="cnn", image_size=32, channels=1, labels=["0", "1"], embedding_dim=16,
+              model_version="m2", dataset_fingerprint="f").write(model_dir)
+    assert build_index.main(["--warehouse", uri, "--output_dir", str(tmp_path / "index"),
+                             "--model_dir", model_dir]) == 2
+    assert "model_version m2" in capsys.readouterr().err and not os.path.exists(tmp_path / "index")
