@@ -126,7 +126,11 @@ class ShardedIndex:
           ValueError: index_info.json lacks a field of the contract.
         """
         run_dir = published_dir(index_dir)
-        info = IndexInfo.read(run_dir)
+        try:
+            info = IndexInfo.read(run_dir)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{index_dir} holds no published index (no {index_schema.INDEX_INFO_FILE}); "
+                                    "build one with `vision-pipelines build-index`") from error
         return cls.open(run_dir, info.shards, info.dimension, info.search, info=info, cache_dir=cache_dir)
 
     @classmethod
