@@ -41,6 +41,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from schemas import counters, layout, prediction
+from schemas.exit_status import UNUSABLE_INPUT_EXIT, UnusableInputError
 from schemas.publication import OutputExistsError, OutputRun
 from schemas.warehouse import WAREHOUSE_KINDS, WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
 from transforms import model_handler
@@ -52,8 +53,6 @@ from transforms.model_handler import ImageModelHandler, PredictImages
 from transforms.prediction_eval import WriteEvaluation
 from transforms.prediction_rows import FormatPredictionFn, row_to_json
 from transforms.runner_policy import (
-    UNUSABLE_INPUT_EXIT,
-    UnusableInputError,
     make_pipeline_options,
     report_usage_error,
     tolerate_shared_flags,

@@ -43,6 +43,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from schemas import counters
 from schemas import embedding as embedding_schema
+from schemas.exit_status import UNUSABLE_INPUT_EXIT, UnusableInputError
 from schemas.publication import OutputExistsError, OutputRun
 from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
 from transforms.dead_letters import WriteDeadLetters, counter_total
@@ -51,8 +52,6 @@ from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.inference_preconditions import check_input_matches, check_model_dir, no_inputs_message
 from transforms.runner_policy import (
-    UNUSABLE_INPUT_EXIT,
-    UnusableInputError,
     make_pipeline_options,
     report_usage_error,
     tolerate_shared_flags,

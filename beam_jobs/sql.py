@@ -52,6 +52,7 @@ from retrieval.sql_queries import (
     DEFAULT_MAXIMUM_BYTES_BILLED,
     MODEL_VERSION_PARAM,
     NAMED_QUERIES,
+    NothingToQueryError,
     QueryError,
     QueryResult,
     check_params,
@@ -60,6 +61,7 @@ from retrieval.sql_queries import (
     run_named_query,
     run_sql,
 )
+from schemas.exit_status import UNUSABLE_INPUT_EXIT, USAGE_ERROR_EXIT
 
 OutputFormat = Literal["table", "csv", "json"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "csv", "json")
@@ -221,7 +223,11 @@ def run(argv: list[str] | None = None) -> QueryResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command and prints the rows; bad queries or parameters exit with status 2."""
+    """Runs the command and prints the rows.
+
+    Exit status 2 for a bad query or parameter, 3 when the warehouse holds
+    nothing to query (no DuckDB file, no table, an empty table).
+    """
     # sqlglot warns on stderr when it falls back to an opaque statement; the refusal says it in one line.
     logging.getLogger("sqlglot").setLevel(logging.ERROR)
     try:
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _execute(config)
     except QueryError as error:
         sys.stderr.write(f"vision-pipelines sql: error: {error}\n")
-        return 2
+        return UNUSABLE_INPUT_EXIT if isinstance(error, NothingToQueryError) else USAGE_ERROR_EXIT
     if result.note:
         sys.stderr.write(f"{result.note}\n")
     sys.stdout.write(_FORMATTERS[config.output_format](result))

@@ -39,12 +39,12 @@ from apache_beam.runners.runner import PipelineResult
 from model_lib.trials import TrialSpec, load_trials
 from schemas import layout
 from schemas.dataset_info import DatasetInfo
+from schemas.exit_status import UnusableInputError
 from schemas.leaderboard import Leaderboard
 from schemas.publication import published_dir
 from transforms.dataset_checks import trainability_problem
 from transforms.dead_letters import WriteDeadLetters
 from transforms.runner_policy import (
-    UnusableInputError,
     make_pipeline_options,
     report_usage_error,
     tolerate_shared_flags,

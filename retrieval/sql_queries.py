@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import decimal
 import math
+import os
 import shutil
 import tempfile
 from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
@@ -121,6 +122,14 @@ class QueryResult:
 
 class QueryError(ValueError):
     """A query could not run as asked (bad parameters, no rows for the model version)."""
+
+
+class NothingToQueryError(QueryError):
+    """The warehouse holds nothing to query: no such DuckDB file, no embeddings table, or an empty one.
+
+    Kept apart from other query errors so the ``sql`` command can tell a
+    script "run extract-embeddings first" (exit 3) from "fix your query" (exit 2).
+    """
 
 
 # --------------------------------------------------------------------------- queries
@@ -1044,7 +1053,8 @@ class DuckDBSqlEngine:
                 try:
                     self._connection = duckdb.connect(warehouse.location, read_only=True, config=limits)
                 except duckdb.Error as error:
-                    raise QueryError(
+                    missing = not os.path.exists(warehouse.location)
+                    raise (NothingToQueryError if missing else QueryError)(
                         f"cannot open DuckDB warehouse {warehouse.location}: {_first_line(error)}") from error
             else:
                 self._connection = duckdb.connect(config=limits)
@@ -1057,7 +1067,7 @@ class DuckDBSqlEngine:
             ).fetchall()[0][0]
             if not exists:
                 self._connection.close()
-                raise QueryError(f"warehouse {warehouse} has no table {warehouse.table!r}")
+                raise NothingToQueryError(f"warehouse {warehouse} has no table {warehouse.table!r}")
         except BaseException:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             raise
@@ -1074,7 +1084,7 @@ class DuckDBSqlEngine:
         except (BeamIOError, OSError, ValueError) as error:  # ValueError: a scheme Beam has no filesystem for.
             raise QueryError(f"cannot list Parquet warehouse {pattern}: {_first_line(error)}") from error
         if not paths:
-            raise QueryError(f"no Parquet files match {pattern}")
+            raise NothingToQueryError(f"no Parquet files match {pattern}")
         if "://" not in warehouse.location:
             self._connection.execute(
                 f"CREATE TABLE {self.raw_table_sql} AS SELECT * FROM read_parquet($paths)", {"paths": paths}
@@ -1156,7 +1166,8 @@ class BigQuerySqlEngine:
         except exceptions.GoogleAPICallError as error:
             # errors[0] holds BigQuery's own reason; error.message may lead with the request URL.
             detail = (error.errors[0].get("message") if error.errors else None) or error.message or str(error)
-            raise QueryError(f"BigQuery: {type(error).__name__} ({error.code}): {_first_line(detail)}") from error
+            kind = NothingToQueryError if isinstance(error, exceptions.NotFound) else QueryError
+            raise kind(f"BigQuery: {type(error).__name__} ({error.code}): {_first_line(detail)}") from error
         except auth_exceptions.GoogleAuthError as error:
             raise QueryError(f"BigQuery: credentials refused: {_first_line(error)}") from error
 
@@ -1292,7 +1303,7 @@ def newest_model_version(engine: SqlEngine) -> str:
     """
     result = engine.execute(render_sql(_NEWEST_MODEL_VERSION.sql(engine.dialect), engine), [])
     if not result.rows:
-        raise QueryError("the embeddings table is empty: no model_version to query")
+        raise NothingToQueryError("the embeddings table is empty: no model_version to query")
     return str(result.rows[0][0])
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from apache_beam.io.filesystems import FileSystems
 
+from schemas.exit_status import UnusableInputError
 from schemas.model_artifacts import MODEL_INFO_FILE
 from schemas.publication import published_dir
-from transforms.runner_policy import UnusableInputError
 
 
 def check_model_dir(model_dir: str) -> None:

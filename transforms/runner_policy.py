@@ -28,6 +28,8 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
 )
 
+from schemas.exit_status import UNUSABLE_INPUT_EXIT, USAGE_ERROR_EXIT, UnusableInputError
+
 _LOGGER = logging.getLogger(__name__)
 
 LOCAL_BATCH_RUNNER = "FnApiRunner"
@@ -245,19 +247,6 @@ def tolerate_shared_flags(parser: argparse.ArgumentParser) -> None:
     for container in (parser, *parser._action_groups):  # Groups keep their own copy of the handler.
         container.conflict_handler = "resolve"
 
-
-
-USAGE_ERROR_EXIT = 2
-UNUSABLE_INPUT_EXIT = 3
-
-
-class UnusableInputError(ValueError):
-    """The flags are well-formed but what they name cannot be used (exit status 3).
-
-    An empty input or table, a directory that is not a model, a dataset that
-    train cannot learn from, an index built by another model: scripts can tell
-    these (fix the data) from a usage error (fix the command line, status 2).
-    """
 
 
 def report_usage_error(command: str, error: ValueError) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from beam_jobs import batch_predict, extract_embeddings
-from transforms.runner_policy import UNUSABLE_INPUT_EXIT
+from schemas.exit_status import UNUSABLE_INPUT_EXIT
 
 JOBS = {
     "batch-predict": (batch_predict.main, "--output"),

@@ -18,10 +18,10 @@ from beam_jobs import create_dataset, train
 from model_lib import sample_data
 from schemas.classification_metrics import ModelMetrics
 from schemas.dataset_info import DatasetInfo, SplitCounts
+from schemas.exit_status import UNUSABLE_INPUT_EXIT
 from schemas.leaderboard import Leaderboard
 from schemas.publication import published_dir
 from transforms.dataset_checks import dataset_warnings, small_dataset_advice
-from transforms.runner_policy import UNUSABLE_INPUT_EXIT
 
 SIZE = 16
 

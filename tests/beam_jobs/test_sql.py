@@ -92,11 +92,6 @@ def test_bad_requests_exit_2_with_a_message(capsys: pytest.CaptureFixture[str],
     assert code == 2 and out == "" and message in err
 
 
-def test_missing_duckdb_warehouse_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
-    code, _, err = _run_cli(capsys, ["--warehouse", f"duckdb:{tmp_path / 'absent.duckdb'}", "--query", "stats"])
-    assert code == 2 and "cannot open DuckDB warehouse" in err
-
-
 def test_run_returns_rows_of_the_newest_version_by_default(embedding_warehouses: wh.EmbeddingWarehouses) -> None:
     result = sql_job.run(["--warehouse", embedding_warehouses.bigquery, "--query", "versions"])
     assert [r["model_version"] for r in result.records()] == [wh.V2, wh.V1]
@@ -104,8 +99,9 @@ def test_run_returns_rows_of_the_newest_version_by_default(embedding_warehouses:
     assert result.model_version == wh.V2
 
 
-def _assert_one_line_error(code: int, out: str, err: str, message: str) -> None:
-    assert code == 2 and out == "", err
+def _assert_one_line_error(code: int, out: str, err: str, message: str, status: int = 2) -> None:
+    """One line on stderr, nothing on stdout; status 2 for a bad command line, 3 for nothing to query."""
+    assert code == status and out == "", err
     assert message in err and err.startswith("vision-pipelines sql: error: "), err
     assert err.count("\n") == 1 and "Traceback" not in err, err
 
@@ -117,23 +113,34 @@ def _assert_one_line_error(code: int, out: str, err: str, message: str) -> None:
         ("bigquery:my-project.vision", "expected bigquery:PROJECT.DATASET.TABLE"),
         ("duckdb:", "needs a path"),
         ("parquet:/tmp/x#bad;name", "table names are letters"),
-        ("duckdb:{tmp}/absent.duckdb", "cannot open DuckDB warehouse"),
         ("duckdb:{tmp}/not_duckdb.duckdb", "cannot open DuckDB warehouse"),
-        ("parquet:{tmp}/absent_dir", "no Parquet files match"),
     ],
 )
-def test_bad_or_missing_warehouses_end_with_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path,
-                                                                warehouse: str, message: str) -> None:
+def test_bad_warehouses_end_with_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path,
+                                                     warehouse: str, message: str) -> None:
     (tmp_path / "not_duckdb.duckdb").write_text("not a database")
     code, out, err = _run_cli(capsys, ["--warehouse", warehouse.format(tmp=tmp_path), "--query", "versions"])
     _assert_one_line_error(code, out, err, message)
+
+
+@pytest.mark.parametrize(
+    "warehouse,message",
+    [
+        ("duckdb:{tmp}/absent.duckdb", "cannot open DuckDB warehouse"),
+        ("parquet:{tmp}/absent_dir", "no Parquet files match"),
+    ],
+)
+def test_missing_warehouses_end_with_one_line_and_exit_3(capsys: pytest.CaptureFixture[str], tmp_path,
+                                                         warehouse: str, message: str) -> None:
+    code, out, err = _run_cli(capsys, ["--warehouse", warehouse.format(tmp=tmp_path), "--query", "versions"])
+    _assert_one_line_error(code, out, err, message, status=3)
 
 
 def test_a_duckdb_file_without_the_table_is_a_one_line_error(capsys: pytest.CaptureFixture[str],
                                                              embedding_warehouses: wh.EmbeddingWarehouses) -> None:
     code, out, err = _run_cli(capsys, ["--warehouse", f"{embedding_warehouses.duckdb}#other_table", "--query",
                                        "versions"])
-    _assert_one_line_error(code, out, err, "has no table 'other_table'")
+    _assert_one_line_error(code, out, err, "has no table 'other_table'", status=3)
 
 
 def test_bigquery_not_found_is_a_one_line_error(capsys: pytest.CaptureFixture[str],
@@ -144,7 +151,7 @@ def test_bigquery_not_found_is_a_one_line_error(capsys: pytest.CaptureFixture[st
                       f"bigquery:{dataset}.no_such_table"):
         for argv in (["--query", "stats"], ["--sql", "SELECT COUNT(*) AS n FROM {table}"]):
             code, out, err = _run_cli(capsys, ["--warehouse", warehouse, *argv])
-            _assert_one_line_error(code, out, err, "BigQuery: NotFound (404): Not found")
+            _assert_one_line_error(code, out, err, "BigQuery: NotFound (404): Not found", status=3)
 
 
 @pytest.mark.parametrize(
