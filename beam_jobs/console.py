@@ -61,7 +61,11 @@ def configure_logging(verbose: bool | None = None) -> bool:
 
 @contextlib.contextmanager
 def quiet_stderr(log_path: str) -> Iterator[TextIO]:
-    """Sends descriptor 2 (Python's ``sys.stderr``, logging, C++ logs) to ``log_path`` (appended).
+    """Sends descriptor 2 (C++ logs, ``sys.stderr``) and the root logger's records to ``log_path`` (appended).
+
+    The root logger gets a file handler of its own for the duration (its
+    handlers are put back after): a handler made earlier may write to a
+    stream that is not descriptor 2 (a test runner's capture, for one).
 
     Yields:
       A text stream writing to the terminal's original stderr, for the
@@ -72,9 +76,16 @@ def quiet_stderr(log_path: str) -> Iterator[TextIO]:
     with open(log_path, "ab", buffering=0) as log:
         os.dup2(log.fileno(), 2)
     terminal = io.TextIOWrapper(os.fdopen(os.dup(saved), "wb", buffering=0), write_through=True)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    file_handler = logging.FileHandler(log_path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root.handlers, root.level = [file_handler], min(level, logging.INFO) or logging.INFO
     try:
         yield terminal
     finally:
+        root.handlers, root.level = handlers, level
+        file_handler.close()
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)

@@ -144,7 +144,8 @@ class Demo:
     def run_stage(self, number: int, total: int, name: str, body: Callable[[Stage], None]) -> None:
         stage = Stage(name)
         prefix = f"[{number}/{total}] {name:<19}"
-        self.console.write(prefix)
+        # With --verbose the jobs' own output follows, so the stage's result gets a line of its own at the end.
+        self.console.write(f"{prefix.rstrip()} ...\n" if self.config.verbose else prefix)
         self.console.flush()
         # On a terminal the line counts the seconds while the stage runs, so a long training step does not look hung.
         ticking = self.console.isatty() and not self.config.verbose
@@ -160,7 +161,8 @@ class Demo:
             if ticking:
                 stop.set()
                 ticker.join()
-        self.console.write(("\r\x1b[K" + prefix if ticking else "") + f"{stage.detail}  ({stage.seconds:.1f} s)\n")
+        restart = "\r\x1b[K" + prefix if ticking else prefix if self.config.verbose else ""
+        self.console.write(f"{restart}{stage.detail}  ({stage.seconds:.1f} s)\n")
         self.console.flush()
         self.stages.append(stage)
 
@@ -439,8 +441,8 @@ def _summary(demo: Demo) -> str:
             lines.append(f"\n== {stage.name} ==\n{stage.printed.rstrip()}")
     config = demo.config
     lines.append(f"\ndone in {demo.values['total_seconds']:.0f} s; report: {demo.values['report']}")
-    lines.append(f"outputs in {config.workdir}: dataset/, model/best/, predictions/, warehouse.duckdb, index/; "
-                 f"library logs in {config.path('demo.log')}")
+    lines.append(f"outputs in {config.workdir}: dataset/, model/best/, predictions/, warehouse.duckdb, index/"
+                 + ("" if config.verbose else f"; library logs in {config.path('demo.log')}"))
     return "\n".join(lines) + "\n"
 
 

@@ -16,10 +16,11 @@ def test_quiet_stderr_sends_descriptor_2_to_the_log_and_restores_it(tmp_path, ca
         os.write(2, b"I0000 a C++ log line\n")  # What TensorFlow's C++ logging does, past sys.stderr.
         os.write(2, b"W0000 another\n")
         terminal.write("for the person\n")
+        logging.getLogger("apache_beam.demo_test").info("a library record")
     os.write(2, b"after\n")
-    assert log.read_text() == "I0000 a C++ log line\nW0000 another\n"
+    assert log.read_text() == "I0000 a C++ log line\nW0000 another\nINFO apache_beam.demo_test: a library record\n"
     assert capfd.readouterr().err == "for the person\nafter\n"
-    assert console.tail(str(log), 1) == "W0000 another"
+    assert console.tail(str(log), 2) == "W0000 another\nINFO apache_beam.demo_test: a library record"
 
 
 def test_configure_logging_keeps_the_projects_info_and_the_libraries_warnings(monkeypatch) -> None:

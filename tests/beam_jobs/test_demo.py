@@ -150,6 +150,17 @@ def test_a_non_empty_workdir_needs_overwrite(demo_run: DemoRun, capsys: pytest.C
     assert error.count("\n") == 1 and "--overwrite" in error
 
 
+def test_a_failing_stage_ends_the_demo_in_one_error_and_the_log_keeps_the_traceback(
+        tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "digits").write_text("a file where make-sample-data needs a directory\n")
+    assert demo.main(["--workdir", str(tmp_path), "--overwrite"]) == 1
+    out, err = capfd.readouterr()
+    assert out.splitlines()[-1].startswith("[1/8] make-sample-data") and out.endswith("FAILED\n")
+    assert err.startswith("vision-pipelines demo: error: ") and "Traceback" not in err
+    assert "Traceback" in (tmp_path / "demo.log").read_text()
+    assert not (tmp_path / "report.html").exists()
+
+
 def test_a_misspelled_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--workdir", "x", "--verbos"])
