@@ -15,6 +15,11 @@ Outputs:
 - optionally ``--metrics_topic``: a ``MonitoringReport`` JSON (counts per label
   and model version, latency p50/p95/p99) every ``--monitoring_interval_secs``,
   and the same as Beam metrics (``end_to_end_latency_ms``, ``predicted_label_*``);
+- with ``--labels_subscription`` (late ground truth), an ``EvaluationReport``
+  (accuracy, per-class recall) every ``--eval_interval_secs`` to
+  ``--metrics_topic``; with ``--dataset_dir``, drift of the predicted labels
+  from the training distribution (``transforms.streaming_eval``); alerts
+  below ``--accuracy_alert_threshold`` / above ``--drift_alert_threshold``;
 - ``--dead_letter_topic``: one ``DeadLetter`` JSON per malformed message,
   unreadable or oversized image or failed inference (naming the message as
   ``pubsub:MESSAGE_ID``), and an alert for every model version refused;
@@ -51,12 +56,13 @@ import sys
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.gcp.pubsub import WriteToPubSub
+from apache_beam.io.gcp.pubsub import ReadFromPubSub, WriteToPubSub
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions, WorkerOptions
 from apache_beam.runners.runner import PipelineResult
 
 from schemas import counters
 from schemas.stream_prediction import MESSAGE_ID, STREAM_PREDICTIONS_TABLE
+from transforms import streaming_eval
 from transforms.bigquery_inserts import InsertRowsWithIds
 from transforms.dead_letters import counter_total
 from transforms.inference_options import ModelConfig, ModelOptions
@@ -66,6 +72,13 @@ from transforms.prediction_rows import FormatStreamPredictionFn
 from transforms.pubsub_io import MESSAGE_FORMATS, PublishDeadLetters, PublishRows, ReadImageMessages
 from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.stream_monitoring import MonitorPredictions, report_message
+from transforms.streaming_eval import (
+    DriftAlertFn,
+    EvaluateWithLateLabels,
+    ParseLabelFn,
+    evaluation_message,
+    training_distribution,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -103,6 +116,21 @@ class StreamPredictOptions(ModelOptions):
                                  "version, latency percentiles) every --monitoring_interval_secs.")
         parser.add_argument("--monitoring_interval_secs", type=int, default=60,
                             help="Processing-time seconds between two monitoring reports.")
+        parser.add_argument("--labels_subscription", default=None,
+                            help='projects/P/subscriptions/S of late ground truth {"image_id", "label"}: '
+                                 "joined to predictions and scored to --metrics_topic.")
+        parser.add_argument("--label_timeout_secs", type=float, default=3600.0,
+                            help="How long a prediction waits for its label (and a label for its prediction).")
+        parser.add_argument("--eval_interval_secs", type=int, default=300,
+                            help="Processing-time seconds between two evaluation reports.")
+        parser.add_argument("--accuracy_alert_threshold", type=float, default=None,
+                            help="Alert on the dead-letter topic when a report's accuracy is below this.")
+        parser.add_argument("--dataset_dir", default=None,
+                            help="The model's training dataset: drift of the predicted labels is measured "
+                                 "against its dataset_info.json.")
+        parser.add_argument("--drift_alert_threshold", type=float, default=0.3,
+                            help="Alert when the predicted-label distribution is further than this (total "
+                                 "variation) from the training distribution.")
         parser.add_argument("--model_refresh_secs", type=float, default=DEFAULT_MODEL_REFRESH_SECS,
                             help="Least seconds between two reads of --model_dir's CURRENT pointer.")
 
@@ -124,6 +152,12 @@ class StreamPredictConfig:
     bigquery_table: str | None
     metrics_topic: str | None
     monitoring_interval_secs: int
+    labels_subscription: str | None
+    label_timeout_secs: float
+    eval_interval_secs: int
+    accuracy_alert_threshold: float | None
+    dataset_dir: str | None
+    drift_alert_threshold: float
     message_format: str
     timestamp_attribute: str | None
     top_k: int
@@ -150,6 +184,13 @@ class StreamPredictConfig:
         if flags.monitoring_interval_secs < 1:
             raise ValueError("--monitoring_interval_secs must be >= 1. "
                              f"Received `monitoring_interval_secs={flags.monitoring_interval_secs}`")
+        _check_path("labels_subscription", flags.labels_subscription, _SUBSCRIPTION_RE, "projects/P/subscriptions/S")
+        if (flags.labels_subscription or flags.dataset_dir) and not flags.metrics_topic:
+            raise ValueError("--labels_subscription and --dataset_dir need --metrics_topic (their reports go there)")
+        if flags.label_timeout_secs <= 0 or flags.eval_interval_secs < 1:
+            raise ValueError("--label_timeout_secs must be > 0 and --eval_interval_secs >= 1. Received "
+                             f"`label_timeout_secs={flags.label_timeout_secs}`, "
+                             f"`eval_interval_secs={flags.eval_interval_secs}`")
         if flags.model_refresh_secs <= 0:
             raise ValueError(f"--model_refresh_secs must be > 0. Received `model_refresh_secs={flags.model_refresh_secs}`")
         return cls(
@@ -161,6 +202,12 @@ class StreamPredictConfig:
             bigquery_table=flags.bigquery_table,
             metrics_topic=flags.metrics_topic,
             monitoring_interval_secs=flags.monitoring_interval_secs,
+            labels_subscription=flags.labels_subscription,
+            label_timeout_secs=flags.label_timeout_secs,
+            eval_interval_secs=flags.eval_interval_secs,
+            accuracy_alert_threshold=flags.accuracy_alert_threshold,
+            dataset_dir=flags.dataset_dir,
+            drift_alert_threshold=flags.drift_alert_threshold,
             message_format=flags.message_format,
             timestamp_attribute=flags.timestamp_attribute,
             top_k=flags.top_k,
@@ -229,16 +276,31 @@ def build_pipeline(pipeline: beam.Pipeline, config: StreamPredictConfig,
     if config.bigquery_table:
         _ = rows | "StreamToBigQuery" >> InsertRowsWithIds(config.bigquery_table, STREAM_PREDICTIONS_TABLE,
                                                            MESSAGE_ID)
+    alert_streams = [alerts]
     if config.metrics_topic:
-        _ = (
-            rows
-            | "MonitorPredictions" >> MonitorPredictions(config.monitoring_interval_secs)
-            | "FormatReports" >> beam.Map(report_message)
-            | "PublishReports" >> WriteToPubSub(config.metrics_topic)
+        reports = rows | "MonitorPredictions" >> MonitorPredictions(config.monitoring_interval_secs)
+        _ = reports | "FormatReports" >> beam.Map(report_message) | "PublishReports" >> WriteToPubSub(
+            config.metrics_topic)
+        if config.dataset_dir:
+            alert_streams.append(reports | "DetectDrift" >> beam.ParDo(DriftAlertFn(
+                training_distribution(config.dataset_dir), config.drift_alert_threshold)))
+    if config.labels_subscription:
+        parsed = (
+            pipeline
+            | "ReadLabels" >> ReadFromPubSub(subscription=config.labels_subscription, with_attributes=True)
+            | "ParseLabels" >> beam.ParDo(ParseLabelFn()).with_outputs(streaming_eval.DEAD_LETTERS, main="labels")
         )
+        evaluations, eval_alerts = (rows, parsed.labels) | "EvaluateWithLateLabels" >> EvaluateWithLateLabels(
+            handler.model_info.labels, timeout_secs=config.label_timeout_secs,
+            interval_secs=config.eval_interval_secs, accuracy_threshold=config.accuracy_alert_threshold)
+        _ = evaluations | "FormatEvaluations" >> beam.Map(evaluation_message) | "PublishEvaluations" >> \
+            WriteToPubSub(config.metrics_topic)
+        alert_streams += [eval_alerts, parsed[streaming_eval.DEAD_LETTERS]]
     letters = (read_letters, predict_letters) | "MergeDeadLetters" >> beam.Flatten()
     _ = letters | "PublishDeadLetters" >> PublishDeadLetters(config.dead_letter_topic)
-    _ = alerts | "PublishModelAlerts" >> PublishDeadLetters(config.dead_letter_topic, count=False)
+    # Alerts and bad label messages are not image inputs: published, not counted as rejected.
+    _ = (alert_streams | "MergeAlerts" >> beam.Flatten()
+         | "PublishAlerts" >> PublishDeadLetters(config.dead_letter_topic, count=False))
 
 
 def run(argv: list[str] | None = None) -> PipelineResult:

@@ -35,7 +35,7 @@ from schemas import model_artifacts, prediction, stream_prediction
 from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import POINTER_FILE, write_file_atomically
-from transforms import images, model_refresh, pubsub_io
+from transforms import images, model_refresh, pubsub_io, streaming_eval
 from transforms.model_handler import INFERENCE_FAILED
 from transforms.stream_monitoring import MonitoringReport
 
@@ -372,3 +372,62 @@ def read_table(bigquery_emulator, table: str, count: int, timeout_s: float = 60)
 def test_bad_flags_end_in_one_line_and_exit_2(argv, fragment, capsys):
     assert stream_predict.main(argv) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_late_labels_join_into_windowed_accuracy_and_shifted_predictions_raise_drift(
+    pubsub_emulator, trained_digits_model, digits_dataset, digit_files
+):
+    # Only zeros and ones: far from the training split's ten balanced digits.
+    chosen = [(path, data) for path, data in digit_files if os.path.basename(os.path.dirname(path)) in ("0", "1")][:20]
+    truth = {f"late-{i}": os.path.basename(os.path.dirname(path)) for i, (path, _) in enumerate(chosen)}
+    for image_id in list(truth)[:3]:  # Three wrong labels, so the accuracy is not trivially 1.
+        truth[image_id] = "7"
+    with topics(pubsub_emulator) as paths:
+        metrics_topic = pubsub_emulator.create_topic()
+        metrics_sub = pubsub_emulator.create_subscription(metrics_topic)
+        labels_topic = pubsub_emulator.create_topic()
+        labels_sub = pubsub_emulator.create_subscription(labels_topic)
+        with running_job(pubsub_emulator, paths, trained_digits_model, "--message_format", "json_base64",
+                         "--metrics_topic", metrics_topic, "--monitoring_interval_secs", "2",
+                         "--labels_subscription", labels_sub, "--eval_interval_secs", "2",
+                         "--accuracy_alert_threshold", "0.99",
+                         "--dataset_dir", digits_dataset.dataset_dir, "--drift_alert_threshold", "0.5"):
+            publish(pubsub_emulator, paths["input"], [
+                (json_message(image_id=image_id, image_base64=b64(data)), {})
+                for image_id, (_, data) in zip(truth, chosen)])
+            # Two Pub/Sub sources starve each other on the local runner (30 s blocking pulls): allow for it.
+            rows = rows_of(collect(pubsub_emulator, paths["output_sub"], len(truth)))
+            publish(pubsub_emulator, labels_topic, [(json_message(image_id=k, label=v), {}) for k, v in truth.items()])
+            evaluations = collect_evaluations(pubsub_emulator, [paths["input"], labels_topic], metrics_sub, len(truth))
+            alerts = letters_of(collect(pubsub_emulator, paths["dead_sub"], 100, timeout_s=5))
+
+    predicted = {row["image_id"]: row["label"] for row in rows}
+    assert sorted(predicted) == sorted(truth)
+    by_hand = sum(predicted[k] == truth[k] for k in truth) / len(truth)
+    assert sum(e.count for e in evaluations) == len(truth)
+    assert sum(e.accuracy * e.count for e in evaluations) / len(truth) == pytest.approx(by_hand)
+    assert by_hand < 0.99
+    assert {v for e in evaluations for v in e.model_versions} == {ModelInfo.read(trained_digits_model).model_version}
+    kinds = {letter.error_type for letter in alerts if letter.stage == streaming_eval.EVAL_STAGE}
+    assert kinds == {streaming_eval.ACCURACY_ALERT, streaming_eval.DRIFT_ALERT}
+
+
+def collect_evaluations(pubsub_emulator, nudge_topics: list[str], subscription: str, labeled: int,
+                        timeout_s: float = 150.0) -> list[streaming_eval.EvaluationReport]:
+    """Evaluation reports on the metrics topic until they cover ``labeled`` predictions (nudging both inputs)."""
+    found: list[streaming_eval.EvaluationReport] = []
+    deadline = time.monotonic() + timeout_s
+    with pubsub_emulator.subscriber() as subscriber:
+        while sum(e.count for e in found) < labeled and time.monotonic() < deadline:
+            for topic in nudge_topics:
+                publish(pubsub_emulator, topic, [(b"nudge", {})])
+            response = subscriber.pull(request={"subscription": subscription, "max_messages": 100}, timeout=10)
+            if response.received_messages:
+                subscriber.acknowledge(request={"subscription": subscription,
+                                                "ack_ids": [m.ack_id for m in response.received_messages]})
+                for message in response.received_messages:
+                    body = json.loads(message.message.data.decode("utf-8"))
+                    if body.get("kind") == "evaluation":
+                        found.append(streaming_eval.EvaluationReport(**body))
+            time.sleep(1)
+    return found
