@@ -431,3 +431,22 @@ def collect_evaluations(pubsub_emulator, nudge_topics: list[str], subscription: 
                         found.append(streaming_eval.EvaluationReport(**body))
             time.sleep(1)
     return found
+
+
+def test_dataflow_defaults_to_streaming_engine_and_throughput_autoscaling_within_max_workers():
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions, WorkerOptions
+
+    from transforms.runner_policy import make_pipeline_options
+
+    options = make_pipeline_options(
+        ["--runner", "DataflowRunner", "--max_num_workers", "7"],
+        job_options=stream_predict.StreamPredictOptions, streaming=True)
+    stream_predict.apply_dataflow_defaults(options)
+    assert options.view_as(StandardOptions).streaming
+    assert options.view_as(GoogleCloudOptions).enable_streaming_engine
+    assert options.view_as(WorkerOptions).autoscaling_algorithm == "THROUGHPUT_BASED"
+    assert options.view_as(WorkerOptions).max_num_workers == 7
+    local = make_pipeline_options([], job_options=stream_predict.StreamPredictOptions, streaming=True)
+    stream_predict.apply_dataflow_defaults(local)
+    assert local.view_as(StandardOptions).runner == "BundleBasedDirectRunner"
+    assert local.view_as(WorkerOptions).autoscaling_algorithm is None
