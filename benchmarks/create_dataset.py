@@ -150,13 +150,13 @@ def phase_child(manifest: str, output_dir: str, analyze: bool) -> dict[str, floa
     return phases
 
 
-def fixed_costs(work_dir: str, count: int) -> str:
+def fixed_costs(work_dir: str, count: int, import_repeats: int = 3) -> str:
     """The fixed-cost breakdown section: imports in fresh interpreters, then a small run's phases."""
     data_dir = os.path.join(work_dir, f"synthetic_{count}_64px")
     manifest = os.path.join(data_dir, sample_data.MANIFEST_FILE)
     if not os.path.exists(manifest):
         sample_data.write_synthetic(data_dir, count=count, size=64, image_format="jpeg")
-    imports = measure_imports()
+    imports = measure_imports(import_repeats)
     runs = {}
     for analyze in (True, False):
         output_dir = os.path.join(work_dir, "fixed_out")
@@ -176,11 +176,11 @@ def fixed_costs(work_dir: str, count: int) -> str:
     lines = [
         f"## Fixed costs: where a small create_dataset run's time goes ({count} images, 64x64 JPEG)",
         "",
-        f"Command: `nice -n 10 python -m benchmarks.create_dataset --fixed_costs {count}`",
+        f"Command: `nice -n 10 python -m benchmarks.create_dataset --fixed_costs {count} --import_repeats {import_repeats}`",
         f"Machine: {cpu_description()}, Python {platform.python_version()}; shared with other agents' tests while "
         "it ran, so read the shares, not the absolute seconds.",
         "",
-        "Imports, each in a fresh interpreter (median of 3, interpreter start included):",
+        f"Imports, each in a fresh interpreter (median of {import_repeats}, interpreter start included):",
         "",
         "| import | wall s | CPU s |",
         "|---|---:|---:|",
@@ -198,7 +198,7 @@ def fixed_costs(work_dir: str, count: int) -> str:
         for run in (with_a, without):
             if name not in run:
                 cells += ["", ""]
-            elif "traces" in name:
+            elif name.startswith("preprocessing_fn traces"):
                 cells += [f"{run[name][0]:.0f}", ""]
             else:
                 cells += [f"{run[name][0]:.1f}", f"{run[name][1]:.1f}"]
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_report", action="store_true", help="Print only; leave docs/benchmarks.md alone.")
     parser.add_argument("--fixed_costs", type=int, default=0, metavar="COUNT",
                         help="Instead of the throughput table: the fixed-cost breakdown of a COUNT-image run.")
+    parser.add_argument("--import_repeats", type=int, default=3, help="Fresh interpreters per import measured.")
     # Internal: one phase-timed run in a fresh process.
     parser.add_argument("--phase_child", help=argparse.SUPPRESS)
     parser.add_argument("--skip_analysis_child", action="store_true", help=argparse.SUPPRESS)
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(phase_child(args.phase_child, args.work_dir, not args.skip_analysis_child)))
         return 0
     if args.fixed_costs:
-        body = fixed_costs(args.work_dir, args.fixed_costs)
+        body = fixed_costs(args.work_dir, args.fixed_costs, args.import_repeats)
         print(body)
         if not args.no_report:
             write_section("fixed_costs", body)
