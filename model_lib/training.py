@@ -281,6 +281,27 @@ class _SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "smoothing": self.smoothing, "num_classes": self.num_classes}
 
 
+class EpochProgress(keras.callbacks.Callback):
+    """One INFO line per epoch (epoch, loss, validation metrics, seconds).
+
+    Keras runs with ``verbose=0`` on workers (its progress bars flood Beam
+    logs), so without this a long training stage shows nothing until it ends.
+    """
+
+    def __init__(self, total_epochs: int):
+        super().__init__()
+        self._total_epochs = total_epochs
+        self._started = time.monotonic()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        metrics = "  ".join(f"{name} {float(value):.4f}" for name, value in sorted((logs or {}).items()))
+        _LOGGER.info("epoch %d/%d  %s  (%.1f s)", epoch + 1, self._total_epochs, metrics,
+                     time.monotonic() - self._started)
+
+
 class ResumableCheckpoint(keras.callbacks.Callback):
     """Checkpoints every epoch, early-stops on the selection metric, and resumes.
 
@@ -565,6 +586,7 @@ def train_and_export(
     initial_epoch = checkpoint.load_state()
     all_callbacks = [
         checkpoint,
+        EpochProgress(hparams.total_epochs),
         keras.callbacks.TensorBoard(tf.io.gfile.join(output_dir, TENSORBOARD_DIR), profile_batch=0),
         *(callbacks or []),
     ]

@@ -109,10 +109,14 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(digits_dataset, t
         np.testing.assert_array_equal(resumed, interrupted)
 
 
-def test_a_finished_run_is_not_retrained(digits_dataset, tmp_path):
+def test_a_finished_run_is_not_retrained(digits_dataset, tmp_path, caplog):
     output = str(tmp_path / "run")
     hparams = {**TINY, "epochs": 1}
-    first = training.train_and_export(digits_dataset.dataset_dir, output, hparams)
+    with caplog.at_level("INFO", logger="model_lib.training"):
+        first = training.train_and_export(digits_dataset.dataset_dir, output, hparams)
+    # A long training stage shows progress: one line per epoch with its metrics.
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(progress) == 1 and progress[0].startswith("epoch 1/1  accuracy ") and "val_accuracy" in progress[0]
     counter = _CountEpochs()
     again = training.train_and_export(digits_dataset.dataset_dir, output, hparams, callbacks=[counter])
     assert counter.started == []
