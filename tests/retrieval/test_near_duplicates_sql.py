@@ -118,7 +118,8 @@ def test_duckdb_runs_within_its_memory_and_temporary_space_limits(
     temp_dir = engine._temp_dir
     try:
         # A sort of ~600 MB of strings: more than the memory limit, and more than the spill limit.
-        with pytest.raises(sq.QueryError, match=r"needs more than its limits .*temporary files max 1,048,576 bytes.*--duckdb_max_temp_size"):
+        with pytest.raises(sq.QueryError,
+                           match=r"needs more than its limits .*temporary files max 1,048,576 bytes.*--duckdb_max_temp_size"):
             sq.run_sql(engine, "SELECT i, repeat(md5(CAST(i AS VARCHAR)), 4) AS s FROM range(4000000) AS t(i) "
                                "ORDER BY s")
         limits = sq.run_sql(engine, "SELECT current_setting('memory_limit') AS m, "
