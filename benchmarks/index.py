@@ -181,6 +181,7 @@ def run_scann_tuned(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, wo
     if tuned.pre_reorder_num_neighbors:
         settings += [SearchParams(tuned.leaves_to_search, max(K, int(tuned.pre_reorder_num_neighbors * f)))
                      for f in (0.5, 2, 4)]
+    settings = list(dict.fromkeys(settings))  # Small leaf counts round to the same setting.
 
     def search_at(setting: SearchParams, threads: int) -> Callable[[np.ndarray], np.ndarray]:
         def one(q: np.ndarray) -> np.ndarray:
