@@ -66,6 +66,7 @@ from transforms import streaming_eval
 from transforms.bigquery_inserts import InsertRowsWithIds
 from transforms.dead_letters import counter_total
 from transforms.inference_options import ModelConfig, ModelOptions
+from transforms.inference_preconditions import check_model_dir
 from transforms.model_handler import PredictImages
 from transforms.model_refresh import ALERTS, RefreshingImageModelHandler, WatchModelPointerFn
 from transforms.prediction_rows import FormatStreamPredictionFn
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # Flag and configuration errors end here, in one line and exit status 2, before anything runs.
         options = make_pipeline_options(list(argv or []), job_options=StreamPredictOptions, streaming=True)
         StreamPredictConfig.from_options(options)
+        check_model_dir(options.view_as(StreamPredictOptions).model_dir)  # Exit 3: a directory that holds no model.
     except ValueError as error:
         return report_usage_error("stream-predict", error)
     result = run(argv)

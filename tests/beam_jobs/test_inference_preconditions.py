@@ -49,3 +49,12 @@ def test_a_manifest_without_rows_exits_3_after_reading_nothing(job, trained_digi
     argv = ["--model_dir", trained_digits_model, "--input", str(manifest), *output_flag(job, tmp_path)]
     assert JOBS[job][0](argv) == UNUSABLE_INPUT_EXIT
     assert f"--input {manifest} held no images (0 read)" in capsys.readouterr().err
+
+
+def test_stream_predict_refuses_a_directory_that_is_not_a_model(tmp_path, capsys):
+    from beam_jobs import stream_predict
+
+    argv = ["--model_dir", str(tmp_path), "--input_subscription", "projects/p/subscriptions/images",
+            "--output_topic", "projects/p/topics/predictions", "--dead_letter_topic", "projects/p/topics/dead"]
+    assert stream_predict.main(argv) == UNUSABLE_INPUT_EXIT
+    assert f"--model_dir {tmp_path} is not a model directory" in capsys.readouterr().err
