@@ -171,3 +171,15 @@ def test_a_model_dir_of_another_version_is_refused_before_anything_runs(tmp_path
     assert build_index.main(["--warehouse", uri, "--output_dir", str(tmp_path / "index"),
                              "--model_dir", model_dir]) == 2
     assert "model_version m2" in capsys.readouterr().err and not os.path.exists(tmp_path / "index")
+
+
+def test_shards_built_by_separate_worker_processes_equal_an_in_process_build(tmp_path) -> None:
+    uri = write_parquet_warehouse(str(tmp_path / "warehouse"), clustered_vectors(9_000, 8, 30))
+    workers = run_build(uri, str(tmp_path / "workers"), "--num_shards", "3",
+                        "--direct_running_mode=multi_processing", "--direct_num_workers=3")
+    local = run_build(uri, str(tmp_path / "local"), "--num_shards", "3")
+    assert workers.counts == local.counts == {"read": 9_000, "indexed": 9_000, "rejected": 0}
+    a, b = ImageSearcher.load(workers.index_dir), ImageSearcher.load(local.index_dir)
+    assert [s.count for s in a.info.shards] == [s.count for s in b.info.shards]
+    for image_id in a.index.all_image_ids()[::450]:
+        assert a.search(image_id, k=10) == b.search(image_id, k=10)
