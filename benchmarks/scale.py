@@ -364,22 +364,25 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
         axis.legend()
     right.set_ylim(bottom=0)
     left.set_yscale("log")
-    figure.suptitle("create_dataset: time grows linearly, memory stays flat")
+    figure.suptitle("create_dataset: wall time and peak memory against images (shared 2-core machine)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
 
 def report(results: list[dict[str, Any]], command: str, shared: bool) -> str:
+    largest_create = max((r["images"] for r in results if r["job"] == "create_dataset"), default=0)
+    largest_inference = max((r["images"] for r in results if r["job"] != "create_dataset"), default=0)
     lines = [
-        f"## Scale: create_dataset, batch_predict and extract_embeddings up to {max(r['images'] for r in results):,}"
-        f" images ({IMAGE_SIZE}x{IMAGE_SIZE} JPEG)",
+        f"## Scale: create_dataset up to {largest_create:,} images, batch_predict and extract_embeddings up to "
+        f"{largest_inference:,} ({IMAGE_SIZE}x{IMAGE_SIZE} JPEG)",
         "",
         f"Command: `{command}`",
         f"Machine: {cpu_description()}, Python {platform.python_version()}, no GPU"
         + ("; shared with other agents' tests while it ran (compare rows within this table only)." if shared else "."),
         "",
-        "| job | mode | images | wall s | CPU s | images/s | marginal images/s | peak RSS MiB (process tree) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| job | mode | images | wall s | CPU s | images/s | marginal images/s | marginal CPU ms/image "
+        "| peak RSS MiB (process tree) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     previous: dict[tuple[str, str], dict[str, Any]] = {}
     for row in results:
@@ -387,12 +390,16 @@ def report(results: list[dict[str, Any]], command: str, shared: bool) -> str:
         before = previous.get(key)
         added_s = 0.0 if before is None else row["wall_s"] - before["wall_s"]
         marginal = f"{(row['images'] - before['images']) / added_s:.0f}" if before and added_s > 0 else ""
+        marginal_cpu = (f"{1000 * (row['cpu_s'] - before['cpu_s']) / (row['images'] - before['images']):.2f}"
+                        if before and "cpu_s" in row and "cpu_s" in before else "")
         previous[key] = row
-        cpu = f"{row['cpu_s']:.0f}" if "cpu_s" in row else "n/a"
+        cpu = f"{row['cpu_s']:.1f}" if "cpu_s" in row else "n/a"
         lines.append(f"| {row['job']} | {row['mode']} | {row['images']:,} | {row['wall_s']:.1f} | {cpu} | "
-                     f"{row['images'] / row['wall_s']:.0f} | {marginal} | {row['peak_rss_mib']:.0f} |")
-    raw = next((r for r in results if r["job"] == "raw_tf_embeddings"), None)
-    job = next((r for r in results if r["job"] == "extract_embeddings"), None)
+                     f"{row['images'] / row['wall_s']:.0f} | {marginal} | {marginal_cpu} | {row['peak_rss_mib']:.0f} |")
+    def largest(job_name: str) -> dict[str, Any] | None:
+        return max((r for r in results if r["job"] == job_name), key=lambda r: r["images"], default=None)
+
+    raw, job = largest("raw_tf_embeddings"), largest("extract_embeddings")
     lines += [
         "",
         "- Wall time is the whole process (interpreter, imports, pipeline construction, run, publish). "
@@ -406,7 +413,7 @@ def report(results: list[dict[str, Any]], command: str, shared: bool) -> str:
     if raw and job:
         by_cpu = (f", {raw['cpu_s'] / job['cpu_s']:.2f}x by CPU seconds"
                   if "cpu_s" in raw and "cpu_s" in job else "")
-        lines.append(f"- extract_embeddings vs raw TF embeddings on the same images and model: "
+        lines.append(f"- extract_embeddings vs raw TF embeddings on the same {job['images']:,} images and model: "
                      f"{raw['wall_s'] / job['wall_s']:.2f}x by wall time{by_cpu} (both whole processes, imports "
                      "included; target >= 0.8x).")
     lines.append("- Plot: [scale.png](scale.png).")
