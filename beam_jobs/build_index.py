@@ -17,7 +17,8 @@ tuned; a non-empty ``--output_dir`` needs ``--overwrite``.
 
 Exit status: 0 published; 1 the accounting (read = indexed + rejected) did
 not balance or the recall target could not be met (nothing published);
-2 a flag error, an empty table or an unknown model_version (one line on stderr).
+2 a flag error; 3 an empty table, an unknown model_version or a --model_dir
+of another model_version (one line on stderr, nothing written).
 
 Example:
   vision-pipelines build-index --warehouse duckdb:out/warehouse.duckdb --output_dir out/index \\
@@ -39,11 +40,13 @@ from apache_beam.runners.runner import PipelineResult
 
 from retrieval.index_tuning import TargetRecallNotMet
 from schemas import counters
+from schemas.exit_status import UnusableInputError
 from schemas.index import IndexInfo
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import OutputExistsError, OutputRun, published_dir
 from transforms.dead_letters import WriteDeadLetters, counter_total
 from transforms.index_building import INDEXED_COUNTER, BuildIndex, IndexSpec
+from transforms.inference_preconditions import check_model_dir
 from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
 from transforms.warehouse_read import READ_COUNTER, ReadFromWarehouse, WarehouseReadError, describe_embeddings
 
@@ -135,7 +138,7 @@ def resolve_source(config: BuildIndexConfig) -> tuple[str, int, int, str | None]
 
     Raises:
       WarehouseReadError: Empty table, unknown model_version, or fewer than 2 rows.
-      ValueError: ``--model_dir`` holds another model_version than the rows.
+      UnusableInputError: ``--model_dir`` holds no model, or another model_version than the rows.
     """
     summary = describe_embeddings(config.warehouse_uri, config.model_version)
     if summary.rows < 2:
@@ -144,10 +147,11 @@ def resolve_source(config: BuildIndexConfig) -> tuple[str, int, int, str | None]
     dimension = summary.dimension
     model_dir = None
     if config.model_dir is not None:
+        check_model_dir(config.model_dir)
         model_dir = published_dir(config.model_dir)
         model = ModelInfo.read(model_dir)
         if model.model_version != summary.model_version:
-            raise ValueError(f"--model_dir {config.model_dir} has model_version {model.model_version}; the rows "
+            raise UnusableInputError(f"--model_dir {config.model_dir} has model_version {model.model_version}; the rows "
                              f"being indexed are {summary.model_version}")
         dimension = model.embedding_dim
     return summary.model_version, summary.rows, dimension, model_dir
@@ -191,7 +195,9 @@ def run(argv: list[str] | None = None) -> BuildIndexResult:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    try:  # Flag, configuration and source errors end here, in one line and exit status 2.
+    # Flag and configuration errors end here in one line and exit status 2; an empty table, an unknown
+    # model_version or a model of another version (UnusableInputError) in exit status 3.
+    try:
         BuildIndexConfig.from_options(make_pipeline_options(argv, job_options=BuildIndexOptions))
         done = run(argv)
     except (OutputExistsError, WarehouseReadError) as error:

@@ -15,8 +15,9 @@ same fan-out over shards with the tuned settings recorded in
 
 Output: image_id, uri, label, split and score (cosine similarity) per
 neighbour, as an aligned table, ``--format json`` or ``--format csv``.
-Errors (no index, unknown image_id, not an image, another model_version)
-print one line on stderr and exit with status 2.
+Errors print one line on stderr: a bad flag exits with status 2; no index,
+an unknown image_id, a query file that is missing or not an image, or a model
+of another model_version exit with status 3.
 
 Example::
 
@@ -38,6 +39,7 @@ from typing import Literal
 from apache_beam.io.filesystems import FileSystems
 
 from retrieval.searcher import ImageSearcher, SearchHit, UnknownImageId
+from schemas.exit_status import UNUSABLE_INPUT_EXIT, USAGE_ERROR_EXIT
 
 OutputFormat = Literal["table", "json", "csv"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "json", "csv")
@@ -132,13 +134,17 @@ _FORMATTERS = {"table": format_table, "json": format_json, "csv": format_csv}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prints the neighbours; every error is one line on stderr and exit status 2."""
+    """Prints the neighbours; an error is one line on stderr, exit status 2 (flags) or 3 (what they name)."""
     try:
         config = parse_config(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as error:
+        sys.stderr.write(f"vision-pipelines search: error: {error}\n")
+        return USAGE_ERROR_EXIT
+    try:
         hits = run(config)
     except (FileNotFoundError, UnknownImageId, ValueError) as error:
         sys.stderr.write(f"vision-pipelines search: error: {error}\n")
-        return 2
+        return UNUSABLE_INPUT_EXIT
     sys.stdout.write(_FORMATTERS[config.output_format](hits))
     return 0
 

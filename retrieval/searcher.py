@@ -30,13 +30,14 @@ import numpy as np
 from retrieval import index_build, scann_compat
 from schemas import index as index_schema
 from schemas.embedding import IMAGE_ID, LABEL, SPLIT, URI
+from schemas.exit_status import UnusableInputError
 from schemas.index import IndexInfo, SearchParams, ShardInfo
 from schemas.publication import published_dir
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vision-pipelines", "index")
 
 
-class ModelVersionMismatch(ValueError):
+class ModelVersionMismatch(UnusableInputError):
     """A query embedded by another model than the one the index was built from."""
 
 

@@ -40,6 +40,7 @@ from retrieval.sql_queries import (
 )
 from schemas import counters
 from schemas.embedding import EMBEDDING, EMBEDDING_RECORD, IMAGE_ID, MODEL_VERSION
+from schemas.exit_status import UnusableInputError
 from transforms.dead_letters import METRICS_NAMESPACE
 
 ROWS_PER_PARTITION = 100_000
@@ -50,8 +51,8 @@ _PARTITIONS = QueryParam("partitions", "int64", "How many partitions the read is
 _PARTITION = QueryParam("partition", "int64", "The partition to read.")
 
 
-class WarehouseReadError(ValueError):
-    """The warehouse cannot be read as asked: no rows, unknown model_version, or an engine failure."""
+class WarehouseReadError(UnusableInputError):
+    """The warehouse cannot be read as asked: no rows, unknown model_version, or an engine failure (exit 3)."""
 
 
 @dataclasses.dataclass(frozen=True)

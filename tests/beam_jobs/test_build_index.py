@@ -147,13 +147,13 @@ def test_bad_vectors_are_dead_letters_and_the_accounting_balances(tmp_path) -> N
 def test_empty_table_and_unknown_version_exit_with_one_line(tmp_path, capsys) -> None:
     rows = wh.digits_embedding_rows("m1", count=20, method="pca", created_at=CREATED_AT)
     uri = _write_duckdb(str(tmp_path / "w.duckdb"), rows)
-    assert build_index.main(["--warehouse", uri, "--output_dir", str(tmp_path / "a"), "--model_version", "m9"]) == 2
+    assert build_index.main(["--warehouse", uri, "--output_dir", str(tmp_path / "a"), "--model_version", "m9"]) == 3
     assert "no rows of model_version 'm9'" in capsys.readouterr().err
     empty = tmp_path / "empty.duckdb"
     with duckdb.connect(str(empty)) as connection:
         connection.execute("CREATE TABLE embeddings (image_id VARCHAR, uri VARCHAR, label VARCHAR, split VARCHAR, "
                            "embedding FLOAT[], model_version VARCHAR, created_at TIMESTAMPTZ)")
-    assert build_index.main(["--warehouse", f"duckdb:{empty}", "--output_dir", str(tmp_path / "b")]) == 2
+    assert build_index.main(["--warehouse", f"duckdb:{empty}", "--output_dir", str(tmp_path / "b")]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "empty" in err
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
@@ -169,7 +169,7 @@ def test_a_model_dir_of_another_version_is_refused_before_anything_runs(tmp_path
     ModelInfo(architecture="cnn", image_size=32, channels=1, labels=["0", "1"], embedding_dim=16,
               model_version="m2", dataset_fingerprint="f").write(model_dir)
     assert build_index.main(["--warehouse", uri, "--output_dir", str(tmp_path / "index"),
-                             "--model_dir", model_dir]) == 2
+                             "--model_dir", model_dir]) == 3
     assert "model_version m2" in capsys.readouterr().err and not os.path.exists(tmp_path / "index")
 
 

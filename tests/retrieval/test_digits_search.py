@@ -84,9 +84,10 @@ def test_search_cli_formats(digits_index: str, digits_dataset: BuiltDataset, cap
     not_image = tmp_path / "notes.txt"
     not_image.write_text("hello")
     for argv in (["--image", str(not_image)], ["--image_id", "no-such-id"], ["--image", str(tmp_path / "missing.png")]):
-        assert search.main(["--index_dir", digits_index, *argv]) == 2
+        assert search.main(["--index_dir", digits_index, *argv]) == 3
         err = capsys.readouterr().err
         assert err.startswith("vision-pipelines search: error:") and err.count("\n") == 1
-    assert search.main(["--index_dir", str(tmp_path / "nothing"), "--image_id", "x"]) == 2
+    assert search.main(["--index_dir", str(tmp_path / "nothing"), "--image_id", "x"]) == 3
+    assert search.main(["--index_dir", digits_index, "--image_id", "x", "--k", "0"]) == 2
     with pytest.raises(SystemExit):
         search.main(["--index_dir", digits_index, "--image_i", "x"])  # No abbreviations.
