@@ -350,7 +350,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in CREATE_MODES:
+    modes = dict.fromkeys(r["mode"] for r in results if r["job"] == "create_dataset")  # Runs merged in, too.
+    for mode in modes:
         rows = sorted((r for r in results if r["job"] == "create_dataset" and r["mode"] == mode),
                       key=lambda r: r["images"])
         counts = [r["images"] for r in rows]
