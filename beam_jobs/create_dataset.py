@@ -39,7 +39,13 @@ from transforms.dead_letters import WriteDeadLetters
 from transforms.images import ImageSpec
 from transforms.labeling import AssignLabelIndices, DeriveVocabulary, ResolveLabels, VotePolicy
 from transforms.manifests import ReadCsvRows, expand_patterns
-from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
+from transforms.runner_policy import (
+    is_dry_run,
+    make_pipeline_options,
+    report_dry_run,
+    report_usage_error,
+    tolerate_shared_flags,
+)
 from transforms.splitting import SplitSpec
 
 TFT_TEMP_DIR = "tft_temp"
@@ -122,6 +128,8 @@ class CreateDatasetConfig:
         if flags.num_shards < 0:
             raise ValueError(f"--num_shards must be >= 0 (0 = automatic). Received `num_shards={flags.num_shards}`")
         temp_location = options.view_as(GoogleCloudOptions).temp_location
+        if is_dry_run(options):  # tf.Transform creates its scratch dir while the graph is built: keep it in the run.
+            temp_location = None
         return cls(
             manifests=expand_patterns(flags.manifest),
             ratings=expand_patterns(flags.ratings) if flags.ratings else [],
@@ -291,6 +299,9 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
         _ = pipeline | "CreateDataset" >> CreateDataset(config, output.run_dir, temp_dir)
         result = pipeline.run()
         result.wait_until_finish()
+        if is_dry_run(options):  # The Dataflow job was only built: nothing ran, nothing to publish.
+            output.abandon()
+            return result
         warnings = DatasetInfo.read(output.run_dir).warnings
         if config.strict and warnings:
             raise DatasetWarningsError(warnings)
@@ -298,7 +309,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
         output.abandon()
         raise
     finally:
-        if FileSystems.exists(temp_dir):
+        if not is_dry_run(options) and FileSystems.exists(temp_dir):  # A dry run never created it.
             FileSystems.delete([temp_dir])
     output.publish()
     return result
@@ -362,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_warning(warning), file=sys.stderr)
         print(f"vision-pipelines create-dataset: error: {error}", file=sys.stderr)
         return 1
+    if is_dry_run(options):
+        return report_dry_run("create-dataset", options)
     return report_summary(read_dataset_info(published_dir(output_dir)))
 
 

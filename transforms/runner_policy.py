@@ -22,9 +22,11 @@ import os
 import sys
 
 from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
     PipelineOptions,
     SetupOptions,
     StandardOptions,
+    TestOptions,
     _BeamArgumentParser,
 )
 
@@ -34,6 +36,11 @@ _LOGGER = logging.getLogger(__name__)
 
 LOCAL_BATCH_RUNNER = "FnApiRunner"
 LOCAL_STREAMING_RUNNER = "BundleBasedDirectRunner"
+_DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
+# Beam's validator treats a Dataflow endpoint on localhost as "not the service" and skips the
+# checks that only matter for a submission (and reach GCS to create a default bucket).
+_DRY_RUN_ENDPOINT = "http://localhost"
+_DRY_RUN_TRUE = ("True", "true")
 
 # Beam's own option classes all live in this package; classes defined elsewhere
 # (other jobs imported into the same process) are not this job's flags.
@@ -94,13 +101,17 @@ def make_pipeline_options(
     check_flags(beam_args, job_options)
     _register_with_beam(job_options)
     options = PipelineOptions(beam_args)
+    _check_dry_run(options)
     standard = options.view_as(StandardOptions)
     if streaming:
         standard.streaming = True
     if not standard.runner:
         standard.runner = LOCAL_STREAMING_RUNNER if streaming else LOCAL_BATCH_RUNNER
-    if str(standard.runner).split(".")[-1] in ("DataflowRunner", "TestDataflowRunner"):
+    if _is_dataflow(options):
         setup = options.view_as(SetupOptions)
+        if setup.setup_file:  # Beam stages a bare "setup.py" from os.path.dirname(""), which fails.
+            setup.setup_file = os.path.abspath(setup.setup_file)
+        _offline_dry_run(options)
         if not setup.setup_file:
             setup.setup_file = package_setup_file()
             if setup.setup_file is None:
@@ -109,6 +120,47 @@ def make_pipeline_options(
                     "workers will not have this project's code."
                 )
     return options
+
+
+def _is_dataflow(options: PipelineOptions) -> bool:
+    return str(options.view_as(StandardOptions).runner).split(".")[-1] in _DATAFLOW_RUNNERS
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    """Whether this run only builds the Dataflow job (``--runner DataflowRunner --dry_run=True``).
+
+    Beam 2.77 defines ``--dry_run`` in ``TestOptions``; DataflowRunner then
+    builds the job (graph, environment, staged setup_file sdist) and returns a
+    DONE result without submitting it, so nothing ran: a job must publish
+    nothing, write nothing and report the dry run instead of results. Other
+    runners ignore the flag (``make_pipeline_options`` refuses it there).
+    """
+    return _is_dataflow(options) and bool(options.view_as(TestOptions).dry_run)
+
+
+def _offline_dry_run(options: PipelineOptions) -> None:
+    """Makes a Dataflow dry run contact nothing.
+
+    Beam's service-only validation creates a default GCS bucket over the
+    network when ``--temp_location``/``--staging_location`` are not valid
+    bucket paths (``gs://b/tmp``: bucket names have 3+ characters) and rejects
+    placeholder project ids (``p``). A dry run submits nothing, so, unless
+    the user named an endpoint, it names a local one, which makes Beam skip
+    exactly those checks; the job is built as for the service.
+    """
+    if not is_dry_run(options):
+        return
+    cloud = options.view_as(GoogleCloudOptions)
+    if cloud.dataflow_endpoint == GoogleCloudOptions.DATAFLOW_ENDPOINT:
+        cloud.dataflow_endpoint = _DRY_RUN_ENDPOINT
+
+
+def report_dry_run(command: str, options: PipelineOptions) -> int:
+    """Prints the one line a dry run ends with; returns main's exit status (0)."""
+    cloud = options.view_as(GoogleCloudOptions)
+    print(f"vision-pipelines {command}: Dataflow job built (dry run): not submitted, nothing written "
+          f"(project {cloud.project}, region {cloud.region})")
+    return 0
 
 
 def check_flags(argv: list[str], job_options: type[PipelineOptions]) -> None:
@@ -150,6 +202,24 @@ def check_flags(argv: list[str], job_options: type[PipelineOptions]) -> None:
         where = f" after {argv[after]}" if after >= 0 else ""
         raise FlagError(f"unexpected argument {stray!r}{where} (a switch takes no value; "
                         "other flags take --name VALUE or --name=VALUE)")
+
+
+def _check_dry_run(options: PipelineOptions) -> None:
+    """Refuses a ``--dry_run`` that would not mean what it says.
+
+    Beam reads any value as true (``--dry_run=False`` still submits nothing),
+    and only DataflowRunner honours it (a local runner would run the job).
+    """
+    value = options.view_as(TestOptions).dry_run
+    if not value:
+        return
+    if value not in _DRY_RUN_TRUE:
+        raise FlagError(f"--dry_run={value}: Beam reads every value as true; write --dry_run=True, "
+                        "or leave the flag out to run the job")
+    runner = options.view_as(StandardOptions).runner
+    if not runner or str(runner).split(".")[-1] not in _DATAFLOW_RUNNERS:
+        raise FlagError("--dry_run=True only applies to --runner DataflowRunner (it builds the job without "
+                        "submitting it)")
 
 
 def _job_option_classes(job_options: type[PipelineOptions]) -> list[type[PipelineOptions]]:
