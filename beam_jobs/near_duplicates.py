@@ -22,7 +22,7 @@ than k near-duplicates keeps its k closest; the job counts such images and
 says to raise ``--k``.
 
 Exit status: 0 written; 1 not every indexed vector was searched; 2 a flag
-error or no published index (one line on stderr).
+error; 3 no published index at ``--index_dir`` (one line on stderr).
 
 Example:
   vision-pipelines build-index --warehouse duckdb:out/warehouse.duckdb --output_dir out/index
@@ -45,6 +45,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
+from schemas.exit_status import UnusableInputError
 from schemas.index import IndexInfo
 from schemas.near_duplicates import NEAR_DUPLICATES_TABLE
 from schemas.publication import published_dir
@@ -57,7 +58,13 @@ from transforms.near_duplicates import (
     FindNearDuplicates,
     NearDuplicateSpec,
 )
-from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
+from transforms.runner_policy import (
+    is_dry_run,
+    make_pipeline_options,
+    report_dry_run,
+    report_usage_error,
+    tolerate_shared_flags,
+)
 from transforms.warehouse import WriteToWarehouse
 
 _LOGGER = logging.getLogger(__name__)
@@ -131,20 +138,21 @@ def load_index_info(index_dir: str) -> tuple[str, IndexInfo]:
     """The published run directory and ``index_info.json`` of ``--index_dir``.
 
     Raises:
-      ValueError: No published index there (also when the run's index_info.json is missing or malformed).
+      UnusableInputError: No published index there (also when the run's index_info.json is missing).
     """
     try:
         run_dir = published_dir(index_dir)
         return run_dir, IndexInfo.read(run_dir)
     except (FileNotFoundError, OSError) as error:
-        raise ValueError(f"--index_dir {index_dir} holds no published index: {error}") from error
+        raise UnusableInputError(f"--index_dir {index_dir} holds no published index: {error}") from error
 
 
 def run(argv: list[str] | None = None) -> NearDuplicatesResult:
     """Searches every indexed vector and writes the pairs.
 
     Raises:
-      ValueError: A flag error, or no published index (see ``load_index_info``).
+      ValueError: A flag error.
+      UnusableInputError: No published index (see ``load_index_info``).
       IncompleteSearchError: searched != indexed (the pairs were written; the count says what is missing).
     """
     options = make_pipeline_options(list(argv or []), job_options=NearDuplicatesOptions)
@@ -160,6 +168,8 @@ def run(argv: list[str] | None = None) -> NearDuplicatesResult:
                                             write_disposition=config.write_disposition))
     result = pipeline.run()
     result.wait_until_finish()
+    if is_dry_run(options):  # The Dataflow job was only built: nothing was searched or written.
+        return NearDuplicatesResult(result, run_dir, info, {})
     counts = {name: counter_total(result, name) for name in (SEARCHED_COUNTER, SATURATED_COUNTER, PAIRS_COUNTER)}
     counts["indexed"] = info.count
     if counts[SEARCHED_COUNTER] != info.count:
@@ -173,14 +183,17 @@ def run(argv: list[str] | None = None) -> NearDuplicatesResult:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    try:  # Flag and index errors end here, in one line and exit status 2.
-        NearDuplicatesConfig.from_options(make_pipeline_options(argv, job_options=NearDuplicatesOptions))
+    try:  # Flag errors (2) and a missing index (3) end here, in one line.
+        options = make_pipeline_options(argv, job_options=NearDuplicatesOptions)
+        NearDuplicatesConfig.from_options(options)
         done = run(argv)
     except IncompleteSearchError as error:
         sys.stderr.write(f"vision-pipelines near-duplicates: error: {error}\n")
         return 1
     except ValueError as error:
         return report_usage_error("near-duplicates", error)
+    if is_dry_run(options):
+        return report_dry_run("near-duplicates", options)
     print(json.dumps({**done.counts, "index_dir": done.index_dir, "model_version": done.info.model_version},
                      sort_keys=True))
     return 0

@@ -119,6 +119,6 @@ def test_flag_errors_end_in_one_line(tmp_path, capsys: pytest.CaptureFixture[str
 def test_a_directory_without_a_published_index_is_refused(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["--index_dir", str(tmp_path / "absent")], ["--index_dir", str(tmp_path)]):
         code, out, err = _run(capsys, [*argv, "--warehouse", f"duckdb:{tmp_path / 'w.duckdb'}"])
-        assert code == 2 and out == "" and "holds no published index" in err and err.count("\n") == 1, err
+        assert code == 3 and out == "" and "holds no published index" in err and err.count("\n") == 1, err
     code, _, err = _run(capsys, ["--index_dir", str(tmp_path), "--warehouse", "nosuch:x"])
     assert code == 2 and "warehouse" in err.lower() and err.count("\n") == 1, err
