@@ -281,6 +281,20 @@ class _SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "smoothing": self.smoothing, "num_classes": self.num_classes}
 
 
+def replica_batch(count: int, global_batch: int, replicas: int) -> int:
+    """The batch size fitting uses for a split of ``count`` examples.
+
+    With several replicas every batch must split evenly across them: a split
+    smaller than one global batch (a 43-image validation split on two
+    replicas, say) is batched in the largest multiple of ``replicas`` it
+    holds instead, so MirroredStrategy never sees a batch its replicas cannot
+    share.
+    """
+    if replicas <= 1 or count >= global_batch or count < replicas:
+        return global_batch
+    return count - count % replicas
+
+
 class EpochProgress(keras.callbacks.Callback):
     """One INFO line per epoch (epoch, loss, validation metrics, seconds).
 
@@ -560,15 +574,16 @@ def train_and_export(
     _LOGGER.info("training %s on %s with %d replica(s), global batch %d",
                  hparams.arch, dataset_dir, strategy.num_replicas_in_sync, global_batch)
     transform = input_pipeline.make_transform(transform_output)
-    multi_replica = strategy.num_replicas_in_sync > 1
+    replicas = strategy.num_replicas_in_sync
+    multi_replica = replicas > 1
     train = input_pipeline.make_dataset(
-        summary, summary.train_split, transform, batch_size=global_batch, training=True, seed=hparams.seed,
-        drop_remainder=multi_replica,
+        summary, summary.train_split, transform, training=True, seed=hparams.seed, drop_remainder=multi_replica,
+        batch_size=replica_batch(summary.counts.get(summary.train_split, 0), global_batch, replicas),
     )
     # Fitting sees whole batches only with several replicas; the final evaluation sees every example.
     validation_fit = input_pipeline.make_dataset(
-        summary, summary.validation_split, transform, batch_size=global_batch, training=False,
-        drop_remainder=multi_replica,
+        summary, summary.validation_split, transform, training=False, drop_remainder=multi_replica,
+        batch_size=replica_batch(summary.counts.get(summary.validation_split, 0), global_batch, replicas),
     )
     validation = input_pipeline.make_dataset(
         summary, summary.validation_split, transform, batch_size=global_batch, training=False

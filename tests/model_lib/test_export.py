@@ -296,10 +296,10 @@ def test_serving_options_are_validated():
         assert training.HParams(serving_uri_prefix=prefix).serving_uri_prefix == prefix
 
 
-def test_training_exports_from_uris_when_asked(digits_dataset, tmp_path):
+def test_training_exports_from_uris_when_asked(small_digits_dataset, tmp_path):
     prefix = str(tmp_path / "images") + "/"
     result = training.train_and_export(
-        digits_dataset.dataset_dir, str(tmp_path / "model"),
+        small_digits_dataset.dataset_dir, str(tmp_path / "model"),
         {"epochs": 1, "serving_uri_prefix": prefix, "serving_max_pixels": 1234},
     )
     assert result.model_info.serving_uri_prefix == prefix and result.model_info.serving_max_pixels == 1234

@@ -84,19 +84,19 @@ class _CountEpochs(keras.callbacks.Callback):
         self.started.append(epoch)
 
 
-def test_interrupted_training_resumes_from_the_last_checkpoint(digits_dataset, tmp_path):
+def test_interrupted_training_resumes_from_the_last_checkpoint(small_digits_dataset, tmp_path):
     output = str(tmp_path / "run")
     hparams = {**TINY, "epochs": 3, "early_stopping_patience": 0}
     interrupt = _InterruptAfterEpoch(1)
     with pytest.raises(_Interrupt):
-        training.train_and_export(digits_dataset.dataset_dir, output, hparams, callbacks=[interrupt])
+        training.train_and_export(small_digits_dataset.dataset_dir, output, hparams, callbacks=[interrupt])
     with open(os.path.join(output, training.CHECKPOINT_DIR, training.STATE_FILE)) as handle:
         state = json.load(handle)
     assert state["epochs_done"] == 1
     assert not os.path.exists(os.path.join(output, model_artifacts.SAVED_MODEL_DIR))
 
     counter = _CountEpochs()
-    result = training.train_and_export(digits_dataset.dataset_dir, output, hparams, callbacks=[counter])
+    result = training.train_and_export(small_digits_dataset.dataset_dir, output, hparams, callbacks=[counter])
     assert result.initial_epoch == 1
     assert counter.started == [1, 2]  # Epoch 0 was not redone.
     assert result.epochs_run == 3
@@ -109,35 +109,35 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(digits_dataset, t
         np.testing.assert_array_equal(resumed, interrupted)
 
 
-def test_a_finished_run_is_not_retrained(digits_dataset, tmp_path, caplog):
+def test_a_finished_run_is_not_retrained(small_digits_dataset, tmp_path, caplog):
     output = str(tmp_path / "run")
     hparams = {**TINY, "epochs": 1}
     with caplog.at_level("INFO", logger="model_lib.training"):
-        first = training.train_and_export(digits_dataset.dataset_dir, output, hparams)
+        first = training.train_and_export(small_digits_dataset.dataset_dir, output, hparams)
     # A long training stage shows progress: one line per epoch with its metrics.
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(progress) == 1 and progress[0].startswith("epoch 1/1  accuracy ") and "val_accuracy" in progress[0]
     counter = _CountEpochs()
-    again = training.train_and_export(digits_dataset.dataset_dir, output, hparams, callbacks=[counter])
+    again = training.train_and_export(small_digits_dataset.dataset_dir, output, hparams, callbacks=[counter])
     assert counter.started == []
     assert again.model_info.model_version == first.model_info.model_version
 
 
-def test_a_checkpoint_of_other_hyperparameters_is_not_resumed(digits_dataset, tmp_path):
+def test_a_checkpoint_of_other_hyperparameters_is_not_resumed(small_digits_dataset, tmp_path):
     output = str(tmp_path / "run")
-    training.train_and_export(digits_dataset.dataset_dir, output, {**TINY, "epochs": 1})
+    training.train_and_export(small_digits_dataset.dataset_dir, output, {**TINY, "epochs": 1})
     counter = _CountEpochs()
     result = training.train_and_export(
-        digits_dataset.dataset_dir, output, {**TINY, "epochs": 1, "learning_rate": 0.01}, callbacks=[counter]
+        small_digits_dataset.dataset_dir, output, {**TINY, "epochs": 1, "learning_rate": 0.01}, callbacks=[counter]
     )
     assert result.initial_epoch == 0
     assert counter.started == [0]
 
 
-def test_early_stopping_restores_the_best_epoch(digits_dataset, tmp_path):
+def test_early_stopping_restores_the_best_epoch(small_digits_dataset, tmp_path):
     # A learning rate this low barely moves the weights: validation stops improving quickly.
     result = training.train_and_export(
-        digits_dataset.dataset_dir, str(tmp_path / "run"),
+        small_digits_dataset.dataset_dir, str(tmp_path / "run"),
         {**TINY, "epochs": 30, "early_stopping_patience": 1, "learning_rate": 1e-5, "lr_schedule": "constant"},
     )
     history = result.metrics.history
@@ -147,10 +147,10 @@ def test_early_stopping_restores_the_best_epoch(digits_dataset, tmp_path):
     assert result.metrics.validation.accuracy == pytest.approx(history["val_accuracy"][best], abs=1e-6)
 
 
-def test_a_diverging_run_raises_training_diverged(digits_dataset, tmp_path):
+def test_a_diverging_run_raises_training_diverged(small_digits_dataset, tmp_path):
     with pytest.raises(training.TrainingDiverged, match="lower the learning rate") as caught:
         training.train_and_export(
-            digits_dataset.dataset_dir, str(tmp_path / "run"),
+            small_digits_dataset.dataset_dir, str(tmp_path / "run"),
             {**TINY, "epochs": 2, "learning_rate": 10.0, "lr_schedule": "constant"},
         )
     assert caught.value.error_type == "diverged"
@@ -174,9 +174,9 @@ def test_invalid_hyperparameters_name_the_value(values, message):
     assert caught.value.error_type == "invalid_hyperparameter"
 
 
-def test_builder_errors_surface_as_invalid_hyperparameters(digits_dataset, tmp_path):
+def test_builder_errors_surface_as_invalid_hyperparameters(small_digits_dataset, tmp_path):
     with pytest.raises(training.InvalidHyperparameter, match="filters="):
-        training.train_and_export(digits_dataset.dataset_dir, str(tmp_path / "run"), {"filters": [8] * 7})
+        training.train_and_export(small_digits_dataset.dataset_dir, str(tmp_path / "run"), {"filters": [8] * 7})
 
 
 def test_strategy_uses_one_device_without_gpus():
@@ -192,7 +192,7 @@ def _bn_statistics(model: keras.Model) -> list[np.ndarray]:
             for v in (layer.moving_mean, layer.moving_variance)]
 
 
-def test_fine_tuning_resumes_in_its_own_phase_and_keeps_batchnorm_frozen(digits_dataset, tmp_path):
+def test_fine_tuning_resumes_in_its_own_phase_and_keeps_batchnorm_frozen(small_digits_dataset, tmp_path):
     backbone = models.build_backbone(models.MOBILENET_V2, input_shape=(32, 32, 3), weights="none")
     weights = str(tmp_path / "mobilenet_v2_notop.weights.h5")
     backbone.save_weights(weights)
@@ -203,9 +203,9 @@ def test_fine_tuning_resumes_in_its_own_phase_and_keeps_batchnorm_frozen(digits_
     }
     interrupt = _InterruptAfterEpoch(2)  # After the first fine-tuning epoch.
     with pytest.raises(_Interrupt):
-        training.train_and_export(digits_dataset.dataset_dir, output, hparams, callbacks=[interrupt])
+        training.train_and_export(small_digits_dataset.dataset_dir, output, hparams, callbacks=[interrupt])
     counter = _CountEpochs()
-    result = training.train_and_export(digits_dataset.dataset_dir, output, hparams, callbacks=[counter])
+    result = training.train_and_export(small_digits_dataset.dataset_dir, output, hparams, callbacks=[counter])
     assert (result.initial_epoch, counter.started, result.epochs_run) == (2, [2], 3)
     for resumed, interrupted in zip(counter.initial_weights, interrupt.weights):
         np.testing.assert_array_equal(resumed, interrupted)
@@ -245,13 +245,20 @@ print(json.dumps({k: getattr(result.metrics, k) for k in ("replicas", "global_ba
 """
 
 
-def test_mirrored_strategy_scales_the_global_batch(digits_dataset, tmp_path):
+def test_mirrored_strategy_scales_the_global_batch(small_digits_dataset, tmp_path):
     # Two logical CPU devices stand in for two GPUs: same MirroredStrategy code path.
     completed = subprocess.run(
-        [sys.executable, "-c", _MIRRORED_ON_TWO_CPUS, digits_dataset.dataset_dir, str(tmp_path / "run"),
+        [sys.executable, "-c", _MIRRORED_ON_TWO_CPUS, small_digits_dataset.dataset_dir, str(tmp_path / "run"),
          json.dumps({**TINY, "batch_size": 32, "epochs": 1})],
         check=True, capture_output=True, text=True, timeout=300,
     )
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
     assert summary == {"replicas": 2, "global_batch_size": 64, "epochs_run": 1}
     assert model_artifacts.ModelInfo.read(str(tmp_path / "run")).model_version
+
+
+def test_replica_batches_split_evenly_across_replicas():
+    assert training.replica_batch(43, 64, 2) == 42  # A validation split smaller than one global batch.
+    assert training.replica_batch(315, 64, 2) == 64
+    assert training.replica_batch(43, 64, 1) == 64  # One replica: any last batch is fine.
+    assert training.replica_batch(1, 64, 2) == 64  # Fewer examples than replicas: make_dataset keeps it whole.
