@@ -53,7 +53,9 @@ from transforms.model_handler import ImageModelHandler, PredictImages
 from transforms.prediction_eval import WriteEvaluation
 from transforms.prediction_rows import FormatPredictionFn, row_to_json
 from transforms.runner_policy import (
+    is_dry_run,
     make_pipeline_options,
+    report_dry_run,
     report_usage_error,
     tolerate_shared_flags,
 )
@@ -189,6 +191,10 @@ def run(argv: list[str] | None = None) -> PipelineResult:
         for started in runs:
             started.abandon()
         raise
+    if is_dry_run(options):  # The Dataflow job was only built: nothing ran, nothing to publish.
+        for started in dict.fromkeys(runs):
+            started.abandon()
+        return result
     for started in dict.fromkeys(runs):
         _LOGGER.info("published %s", started.publish())
     return result
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(argv)
     except OutputExistsError as error:  # Checked when the run starts, before the pipeline is built.
         return report_usage_error("batch-predict", error)
+    if is_dry_run(options):
+        return report_dry_run("batch-predict", options)
     counts = accounting(result)
     print(json.dumps(counts, sort_keys=True))
     if counts[counters.READ] == 0:  # An input with no rows: say so, in a status scripts can test.

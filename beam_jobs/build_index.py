@@ -47,7 +47,13 @@ from schemas.publication import OutputExistsError, OutputRun, published_dir
 from transforms.dead_letters import WriteDeadLetters, counter_total
 from transforms.index_building import INDEXED_COUNTER, BuildIndex, IndexSpec
 from transforms.inference_preconditions import check_model_dir
-from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
+from transforms.runner_policy import (
+    is_dry_run,
+    make_pipeline_options,
+    report_dry_run,
+    report_usage_error,
+    tolerate_shared_flags,
+)
 from transforms.warehouse_read import READ_COUNTER, ReadFromWarehouse, WarehouseReadError, describe_embeddings
 
 _LOGGER = logging.getLogger(__name__)
@@ -122,11 +128,11 @@ class UnbalancedAccountingError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class BuildIndexResult:
-    """What ``run`` did: the pipeline result, the published run and its accounting."""
+    """What ``run`` did: the pipeline result, the published run and its accounting (a dry run: none)."""
 
     pipeline_result: PipelineResult
     index_dir: str
-    info: IndexInfo
+    info: IndexInfo | None
     counts: dict[str, int]
 
 
@@ -181,6 +187,9 @@ def run(argv: list[str] | None = None) -> BuildIndexResult:
         _ = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(output.run_dir)
         result = pipeline.run()
         result.wait_until_finish()
+        if is_dry_run(options):  # The Dataflow job was only built: nothing ran, nothing to publish.
+            output.abandon()
+            return BuildIndexResult(result, "", None, {})
         counts = {name: counter_total(result, name) for name in (READ_COUNTER, INDEXED_COUNTER, REJECTED_COUNTER)}
         if counts[READ_COUNTER] != counts[INDEXED_COUNTER] + counts[REJECTED_COUNTER]:
             raise UnbalancedAccountingError(
@@ -198,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     # Flag and configuration errors end here in one line and exit status 2; an empty table, an unknown
     # model_version or a model of another version (UnusableInputError) in exit status 3.
     try:
-        BuildIndexConfig.from_options(make_pipeline_options(argv, job_options=BuildIndexOptions))
+        options = make_pipeline_options(argv, job_options=BuildIndexOptions)
+        BuildIndexConfig.from_options(options)
         done = run(argv)
     except (OutputExistsError, WarehouseReadError) as error:
         return report_usage_error("build-index", error)
@@ -207,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as error:
         return report_usage_error("build-index", error)
+    if is_dry_run(options):
+        return report_dry_run("build-index", options)
     info = done.info
     print(json.dumps({**done.counts, "index_dir": done.index_dir, "model_version": info.model_version,
                       "num_shards": info.num_shards, f"recall_at_{info.k}": info.recall_at_k, "qps": info.qps,

@@ -52,7 +52,9 @@ from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.inference_preconditions import check_input_matches, check_model_dir, no_inputs_message
 from transforms.runner_policy import (
+    is_dry_run,
     make_pipeline_options,
+    report_dry_run,
     report_usage_error,
     tolerate_shared_flags,
 )
@@ -146,6 +148,9 @@ def run(argv: list[str] | None = None) -> PipelineResult:
     except BaseException:
         artifacts.abandon()
         raise
+    if is_dry_run(options):  # The Dataflow job was only built: nothing ran, nothing to publish.
+        artifacts.abandon()
+        return result
     _LOGGER.info("dead letters of this run: %s", artifacts.publish())
     return result
 
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(argv)
     except OutputExistsError as error:  # Checked when the run starts, before the pipeline is built.
         return report_usage_error("extract-embeddings", error)
+    if is_dry_run(options):
+        return report_dry_run("extract-embeddings", options)
     counts = accounting(result)
     print(json.dumps(counts, sort_keys=True))
     if counts[READ_COUNTER] == 0:  # An input with no rows: say so, in a status scripts can test.

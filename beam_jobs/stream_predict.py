@@ -71,7 +71,13 @@ from transforms.model_handler import PredictImages
 from transforms.model_refresh import ALERTS, RefreshingImageModelHandler, WatchModelPointerFn
 from transforms.prediction_rows import FormatStreamPredictionFn
 from transforms.pubsub_io import MESSAGE_FORMATS, PublishDeadLetters, PublishRows, ReadImageMessages
-from transforms.runner_policy import make_pipeline_options, report_usage_error, tolerate_shared_flags
+from transforms.runner_policy import (
+    is_dry_run,
+    make_pipeline_options,
+    report_dry_run,
+    report_usage_error,
+    tolerate_shared_flags,
+)
 from transforms.stream_monitoring import MonitorPredictions, report_message
 from transforms.streaming_eval import (
     DriftAlertFn,
@@ -328,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         return report_usage_error("stream-predict", error)
     result = run(argv)
+    if is_dry_run(options):  # The Dataflow job was only built: nothing is running.
+        return report_dry_run("stream-predict", options)
     _LOGGER.info("stream-predict is running; stop it with Ctrl-C (local) or drain it (Dataflow)")
     result.wait_until_finish()
     return 0

@@ -45,7 +45,9 @@ from schemas.publication import published_dir
 from transforms.dataset_checks import trainability_problem
 from transforms.dead_letters import WriteDeadLetters
 from transforms.runner_policy import (
+    is_dry_run,
     make_pipeline_options,
+    report_dry_run,
     report_usage_error,
     tolerate_shared_flags,
 )
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         return report_usage_error("train", error)
     execute(options, config)
+    if is_dry_run(options):  # The Dataflow job was only built: no trial ran.
+        return report_dry_run("train", options)
     board = Leaderboard.read(config.output_dir)
     print(format_summary(board))
     accounted = len(board.trials) + len(board.failed)
