@@ -134,18 +134,21 @@ class NothingToQueryError(QueryError):
 
 # --------------------------------------------------------------------------- queries
 
+# Over the stored table: the newest-row view keeps each (image_id,
+# model_version)'s latest row, so a version's latest created_at is the same
+# in both, and the stored table answers without sorting every row.
 _NEWEST_MODEL_VERSION = NamedQuery(
     name="newest_model_version",
     description="The model_version whose rows were created last.",
     params=(),
     by_model_version=False,
     bigquery="""
-SELECT model_version FROM {table}
+SELECT model_version FROM {raw_table}
 GROUP BY model_version
 ORDER BY MAX(created_at) DESC, model_version DESC
 LIMIT 1""",
     duckdb="""
-SELECT model_version FROM {table}
+SELECT model_version FROM {raw_table}
 GROUP BY model_version
 ORDER BY MAX(created_at) DESC, model_version DESC
 LIMIT 1""",
@@ -567,27 +570,45 @@ def choose_lsh_settings(rows: int, sample_similarities: np.ndarray, threshold: f
     return min(options, key=lambda p: (work(p), p.band_bits, p.bands))
 
 
+# The plan's two reads go to the stored table, not the newest-row view: that
+# view sorts every row (its tie-break casts each embedding to text), which at
+# a million rows cost more than a minute before a refusal could be given.
+# Rows are counted per image_id, as the view would count them; a reran
+# image's rows carry the same embedding, so which one the sample takes does
+# not matter to an estimate.
 _ROW_COUNT = NamedQuery(
     name="row_count",
-    description="Rows of one model version.",
+    description="Images of one model version.",
     params=(),
-    bigquery="SELECT COUNT(*) AS row_count FROM {table} WHERE model_version = @model_version",
-    duckdb="SELECT COUNT(*) AS row_count FROM {table} WHERE model_version = $model_version",
+    bigquery="SELECT COUNT(DISTINCT image_id) AS row_count FROM {raw_table} WHERE model_version = @model_version",
+    duckdb="SELECT COUNT(DISTINCT image_id) AS row_count FROM {raw_table} WHERE model_version = $model_version",
 )
-# A fixed sample: the rows whose image_id has the smallest MD5, the same rows in both dialects.
+# A fixed sample: the images whose image_id has the smallest MD5, the same images in both dialects.
 _SAMPLE_ROWS = QueryParam("sample_rows", "int64", "Rows to sample.")
 _EMBEDDING_SAMPLE = NamedQuery(
     name="embedding_sample",
     description="A fixed sample of one model version's embeddings.",
     params=(_SAMPLE_ROWS,),
     bigquery="""
-SELECT embedding FROM {table} WHERE model_version = @model_version
-ORDER BY TO_HEX(MD5(image_id)), image_id
-LIMIT @sample_rows""",
+WITH sampled AS (
+  SELECT image_id FROM {raw_table} WHERE model_version = @model_version
+  GROUP BY image_id ORDER BY TO_HEX(MD5(image_id)), image_id LIMIT @sample_rows
+)
+SELECT ANY_VALUE(t.embedding) AS embedding
+FROM {raw_table} AS t JOIN sampled AS s ON s.image_id = t.image_id
+WHERE t.model_version = @model_version
+GROUP BY t.image_id
+ORDER BY t.image_id""",
     duckdb="""
-SELECT CAST(embedding AS DOUBLE[]) AS embedding FROM {table} WHERE model_version = $model_version
-ORDER BY md5(image_id), image_id
-LIMIT $sample_rows""",
+WITH sampled AS (
+  SELECT image_id FROM {raw_table} WHERE model_version = $model_version
+  GROUP BY image_id ORDER BY md5(image_id), image_id LIMIT $sample_rows
+)
+SELECT any_value(CAST(t.embedding AS DOUBLE[])) AS embedding
+FROM {raw_table} AS t JOIN sampled AS s ON s.image_id = t.image_id
+WHERE t.model_version = $model_version
+GROUP BY t.image_id
+ORDER BY t.image_id""",
 )
 
 
