@@ -191,3 +191,19 @@ def test_dry_run_builds_the_dataflow_job_and_writes_nothing(
     assert any(b"workflow.tar.gz" in payload for payload in staged), "the setup.py sdist is not staged"
     assert job_built.google_cloud_options.temp_location.startswith("gs://b/tmp/")  # Beam adds the job name.
     assert job_built.proto.type_.name == ("JOB_TYPE_STREAMING" if job == "stream_predict" else "JOB_TYPE_BATCH")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--runner", "DataflowRunner", "--dry_run=False"], "Beam reads every value as true"),
+    (["--dry_run=True"], "only applies to --runner DataflowRunner"),
+])
+def test_a_dry_run_flag_that_would_not_mean_what_it_says_is_a_usage_error(
+    flags: list[str], fragment: str, warehouse: str, tmp_path: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from beam_jobs import build_index
+
+    out = str(tmp_path / "index")
+    assert build_index.main(["--warehouse", warehouse, "--output_dir", out, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err
+    assert not os.path.exists(out)
