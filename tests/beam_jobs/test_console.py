@@ -12,6 +12,17 @@ from beam_jobs import console
 
 def test_quiet_stderr_sends_descriptor_2_to_the_log_and_restores_it(tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "run.log"
+    # An earlier CLI test may have run configure_logging, which sets library loggers to WARNING.
+    library = logging.getLogger("apache_beam")
+    previous = library.level
+    library.setLevel(logging.NOTSET)
+    try:
+        _check_quiet_stderr(log, capfd)
+    finally:
+        library.setLevel(previous)
+
+
+def _check_quiet_stderr(log, capfd: pytest.CaptureFixture[str]) -> None:
     with console.quiet_stderr(str(log)) as terminal:
         os.write(2, b"I0000 a C++ log line\n")  # What TensorFlow's C++ logging does, past sys.stderr.
         os.write(2, b"W0000 another\n")
