@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import build_index
+from benchmarks.vectors import clustered_unit_vectors
 from retrieval.index_tuning import exact_neighbors, query_sample_keys, recall_at_k, search_without_self
 from retrieval.searcher import ImageSearcher, ShardedIndex
 from schemas.dead_letter import DeadLetter
@@ -23,7 +24,6 @@ from schemas.index import IndexInfo
 from schemas.publication import published_dir
 from schemas.warehouse import parquet_table_dir, parse_warehouse_uri
 from tests.fixtures import warehouses as wh
-from tests.fixtures.vectors import clustered_vectors
 from transforms.dead_letters import read_dead_letters
 
 CREATED_AT = datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc)
@@ -60,7 +60,8 @@ def measured_recall(index_dir: str, k: int = 10) -> float:
 
 @pytest.fixture(scope="module")
 def synthetic_warehouse(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, np.ndarray]:
-    vectors = clustered_vectors(30_000, 16, 150)  # The tree path at 100k is tested in-process (test_index_library).
+    # The tree path at 100k is tested in-process (test_index_library).
+    vectors = clustered_unit_vectors(30_000, 16, cluster_size=200, spread=0.35)
     return write_parquet_warehouse(str(tmp_path_factory.mktemp("synthetic")), vectors), vectors
 
 
@@ -174,7 +175,7 @@ def test_a_model_dir_of_another_version_is_refused_before_anything_runs(tmp_path
 
 
 def test_shards_built_by_separate_worker_processes_equal_an_in_process_build(tmp_path) -> None:
-    uri = write_parquet_warehouse(str(tmp_path / "warehouse"), clustered_vectors(9_000, 8, 30))
+    uri = write_parquet_warehouse(str(tmp_path / "warehouse"), clustered_unit_vectors(9_000, 8, cluster_size=300, spread=0.35))
     workers = run_build(uri, str(tmp_path / "workers"), "--num_shards", "3",
                         "--direct_running_mode=multi_processing", "--direct_num_workers=3")
     local = run_build(uri, str(tmp_path / "local"), "--num_shards", "3")

@@ -8,13 +8,13 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks.vectors import clustered_unit_vectors
 from retrieval import index_build, scann_compat
 from retrieval.index_tuning import exact_neighbors, query_sample_keys, recall_at_k, search_without_self
 from retrieval.local_build import build_index_in_process
 from retrieval.searcher import ImageSearcher, ShardedIndex
 from schemas.index import INDEX_INFO_FILE, IndexInfo, ScannParams
 from schemas.publication import OutputExistsError, published_dir
-from tests.fixtures.vectors import clustered_vectors
 
 
 def _rows(vectors: np.ndarray, prefix: str = "v") -> list[index_build.IndexRow]:
@@ -25,7 +25,7 @@ def _rows(vectors: np.ndarray, prefix: str = "v") -> list[index_build.IndexRow]:
 def test_scann_runs_in_a_process_that_also_runs_tensorflow() -> None:
     import tensorflow as tf
 
-    vectors = clustered_vectors(500, 8, 5)
+    vectors = clustered_unit_vectors(500, 8, cluster_size=100, spread=0.35)
     searcher = scann_compat.build(vectors, ScannParams("brute_force"), k=3)
     rows, scores = searcher.search(vectors[:2], 3)
     assert rows[:, 0].tolist() == [0, 1] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
@@ -53,7 +53,7 @@ def test_vector_checks_name_the_reason() -> None:
 
 
 def test_100k_clustered_vectors_meet_the_recall_target(tmp_path) -> None:
-    vectors = clustered_vectors(100_000, 16, 300, seed=1)
+    vectors = clustered_unit_vectors(100_000, 16, cluster_size=333, spread=0.35, seed=1)
     run_dir, info = build_index_in_process(str(tmp_path / "index"), _rows(vectors), model_version="m", dimension=16,
                                            k=10, target_recall=0.95)
     assert info.shards[0].params.algorithm == "tree_ah" and info.shards[0].params.num_leaves == 316
@@ -72,7 +72,7 @@ def test_100k_clustered_vectors_meet_the_recall_target(tmp_path) -> None:
 
 
 def test_a_tree_with_poor_leaves_is_retrained_on_every_point() -> None:
-    vectors = clustered_vectors(60_000, 8, 50)
+    vectors = clustered_unit_vectors(60_000, 8, cluster_size=1_200, spread=0.35)
     ids = [f"v-{i}" for i in range(len(vectors))]
     first = index_build.build_searcher(vectors, ids, 10)
     assert first.params.algorithm == "tree_ah" and first.params.training_sample_size == 100 * first.params.num_leaves
@@ -83,7 +83,7 @@ def test_a_tree_with_poor_leaves_is_retrained_on_every_point() -> None:
 
 
 def test_index_info_round_trips_and_refuses_a_partial_file(tmp_path) -> None:
-    vectors = clustered_vectors(300, 8, 4)
+    vectors = clustered_unit_vectors(300, 8, cluster_size=75, spread=0.35)
     run_dir, info = build_index_in_process(str(tmp_path / "index"), _rows(vectors), model_version="m", dimension=8,
                                            num_shards=3)
     assert IndexInfo.read(run_dir) == info and info.num_shards == 3 and info.count == 300
@@ -97,7 +97,7 @@ def test_index_info_round_trips_and_refuses_a_partial_file(tmp_path) -> None:
 
 
 def test_more_shards_than_rows_leaves_empty_shards_that_search_skips(tmp_path) -> None:
-    vectors = clustered_vectors(6, 4, 2)
+    vectors = clustered_unit_vectors(6, 4, cluster_size=3, spread=0.35)
     run_dir, info = build_index_in_process(str(tmp_path / "index"), _rows(vectors), model_version="m", dimension=4,
                                            num_shards=8)
     assert sum(1 for s in info.shards if s.count == 0) >= 2 and info.count == 6
@@ -107,7 +107,8 @@ def test_more_shards_than_rows_leaves_empty_shards_that_search_skips(tmp_path) -
 
 def test_a_gs_index_is_staged_to_a_local_cache(gcs_emulator, tmp_path) -> None:
     bucket = gcs_emulator.create_bucket()
-    vectors = clustered_vectors(12_000, 8, 20)  # Above brute-force size: real ScaNN files to stage.
+    # Above brute-force size: real ScaNN files to stage.
+    vectors = clustered_unit_vectors(12_000, 8, cluster_size=600, spread=0.35)
     output = f"gs://{bucket}/index"
     run_dir, info = build_index_in_process(output, _rows(vectors), model_version="m", dimension=8, num_shards=1)
     assert published_dir(output) == run_dir and info.shards[0].params.algorithm == "ah"
