@@ -57,6 +57,7 @@ from transforms.runner_policy import (
     make_pipeline_options,
     report_dry_run,
     report_usage_error,
+    require_flags,
     tolerate_shared_flags,
 )
 from transforms.warehouse import WriteToWarehouse
@@ -120,8 +121,7 @@ class BatchPredictConfig:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "BatchPredictConfig":
         flags = options.view_as(BatchPredictOptions)
-        if not flags.output:
-            raise ValueError("--output is required")
+        require_flags(flags, "output")
         if flags.top_k < 1:
             raise ValueError(f"--top_k must be >= 1. Received `top_k={flags.top_k}`")
         output = flags.output.rstrip("/")

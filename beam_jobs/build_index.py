@@ -52,6 +52,7 @@ from transforms.runner_policy import (
     make_pipeline_options,
     report_dry_run,
     report_usage_error,
+    require_flags,
     tolerate_shared_flags,
 )
 from transforms.warehouse_read import READ_COUNTER, ReadFromWarehouse, WarehouseReadError, describe_embeddings
@@ -101,9 +102,7 @@ class BuildIndexConfig:
     def from_options(cls, options: PipelineOptions) -> "BuildIndexConfig":
         """Raises ValueError quoting the bad flag value."""
         flags = options.view_as(BuildIndexOptions)
-        for flag in ("warehouse", "output_dir"):
-            if not getattr(flags, flag):
-                raise ValueError(f"--{flag} is required")
+        require_flags(flags, "warehouse", "output_dir")
         if not 1 <= flags.num_shards <= MAX_SHARDS:
             raise ValueError(f"--num_shards must be in [1, {MAX_SHARDS}]. Received `--num_shards={flags.num_shards}`")
         if not 1 <= flags.k <= MAX_K:

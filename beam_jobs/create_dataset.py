@@ -44,6 +44,7 @@ from transforms.runner_policy import (
     make_pipeline_options,
     report_dry_run,
     report_usage_error,
+    require_flags,
     tolerate_shared_flags,
 )
 from transforms.splitting import SplitSpec
@@ -119,10 +120,7 @@ class CreateDatasetConfig:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "CreateDatasetConfig":
         flags = options.view_as(CreateDatasetOptions)
-        if not flags.manifest:
-            raise ValueError("--manifest is required")
-        if not flags.output_dir:
-            raise ValueError("--output_dir is required")
+        require_flags(flags, "manifest", "output_dir")
         if not 0.0 < flags.min_agreement <= 1.0:
             raise ValueError(f"--min_agreement is a fraction in (0, 1]. Received `min_agreement={flags.min_agreement}`")
         if flags.num_shards < 0:

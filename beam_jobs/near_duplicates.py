@@ -63,6 +63,7 @@ from transforms.runner_policy import (
     make_pipeline_options,
     report_dry_run,
     report_usage_error,
+    require_flags,
     tolerate_shared_flags,
 )
 from transforms.warehouse import WriteToWarehouse
@@ -105,9 +106,7 @@ class NearDuplicatesConfig:
     def from_options(cls, options: PipelineOptions) -> "NearDuplicatesConfig":
         """Raises ValueError quoting the bad flag value."""
         flags = options.view_as(NearDuplicatesOptions)
-        for flag in ("index_dir", "warehouse"):
-            if not getattr(flags, flag):
-                raise ValueError(f"--{flag} is required")
+        require_flags(flags, "index_dir", "warehouse")
         if not -1 < flags.threshold <= 1:  # Also refuses NaN.
             raise ValueError(f"--threshold must be a cosine similarity in (-1, 1]. "
                              f"Received `--threshold={flags.threshold}`")

@@ -76,6 +76,7 @@ from transforms.runner_policy import (
     make_pipeline_options,
     report_dry_run,
     report_usage_error,
+    require_flags,
     tolerate_shared_flags,
 )
 from transforms.stream_monitoring import MonitorPredictions, report_message
@@ -176,9 +177,7 @@ class StreamPredictConfig:
         flags = options.view_as(StreamPredictOptions)
         if (flags.input_subscription is None) == (flags.input_topic is None):
             raise ValueError("exactly one of --input_subscription and --input_topic is required")
-        for name in ("output_topic", "dead_letter_topic"):
-            if not getattr(flags, name):
-                raise ValueError(f"--{name} is required")
+        require_flags(flags, "output_topic", "dead_letter_topic")
         _check_path("input_subscription", flags.input_subscription, _SUBSCRIPTION_RE, "projects/P/subscriptions/S")
         for name in ("input_topic", "output_topic", "dead_letter_topic", "metrics_topic"):
             _check_path(name, getattr(flags, name), _TOPIC_RE, "projects/P/topics/T")

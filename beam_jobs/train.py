@@ -49,6 +49,7 @@ from transforms.runner_policy import (
     make_pipeline_options,
     report_dry_run,
     report_usage_error,
+    require_flags,
     tolerate_shared_flags,
 )
 from transforms.training_trials import PublishBestTrial, RunTrials
@@ -113,9 +114,7 @@ class TrainConfig:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "TrainConfig":
         flags = options.view_as(TrainOptions)
-        for name in ("dataset_dir", "output_dir"):
-            if not getattr(flags, name):
-                raise ValueError(f"--{name} is required")
+        require_flags(flags, "dataset_dir", "output_dir")
         dataset_dir = published_dir(flags.dataset_dir)
         check_trainable(flags.dataset_dir, dataset_dir)
         overrides = {name: getattr(flags, name) for name in HPARAM_FLAGS if getattr(flags, name) is not None}

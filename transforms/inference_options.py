@@ -19,7 +19,7 @@ from schemas.publication import published_dir
 from transforms import model_handler
 from transforms.images import ImageSpec
 from transforms.inference_inputs import INPUT_KINDS, InputSpec
-from transforms.runner_policy import tolerate_shared_flags
+from transforms.runner_policy import require_flags, tolerate_shared_flags
 
 
 class ModelOptions(PipelineOptions):
@@ -107,8 +107,7 @@ class ModelConfig:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "ModelConfig":
         flags = options.view_as(ModelOptions)
-        if not flags.model_dir:
-            raise ValueError("--model_dir is required")
+        require_flags(flags, "model_dir")
         check_numeric_flags(flags)
         return cls(
             model_dir=published_dir(flags.model_dir),
@@ -142,10 +141,7 @@ class InferenceConfig:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "InferenceConfig":
         flags = options.view_as(InferenceOptions)
-        if not flags.model_dir:
-            raise ValueError("--model_dir is required")
-        if not flags.input:
-            raise ValueError("--input is required")
+        require_flags(flags, "model_dir", "input")
         model = ModelConfig.from_options(options)
         return cls(model=model, input_spec=InputSpec.resolve(flags.input, flags.input_format, model.max_pixels))
 

@@ -319,6 +319,17 @@ def tolerate_shared_flags(parser: argparse.ArgumentParser) -> None:
 
 
 
+def require_flags(flags: PipelineOptions, *names: str) -> None:
+    """Refuses, in the order given, the first of a job's required flags left unset or empty.
+
+    Raises:
+      ValueError: ``--NAME is required``.
+    """
+    for name in names:
+        if not getattr(flags, name):
+            raise ValueError(f"--{name} is required")
+
+
 def report_usage_error(command: str, error: ValueError) -> int:
     """Prints ``vision-pipelines COMMAND: error: MESSAGE`` on stderr; returns the exit status.
 
