@@ -211,7 +211,8 @@ def _run_pipeline(options: PipelineOptions, config: BatchPredictConfig, handler:
             | "FormatJsonLines" >> beam.Map(row_to_json)
             | "WriteJsonLines"
             >> beam.io.WriteToText(
-                layout.join(output_run.run_dir, prediction.PREDICTIONS_PREFIX), file_name_suffix=".jsonl"
+                layout.join(output_run.run_dir, prediction.PREDICTIONS_PREFIX),
+                file_name_suffix=prediction.PREDICTIONS_JSONL_SUFFIX,
             )
         )
     else:

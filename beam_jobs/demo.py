@@ -239,7 +239,7 @@ class Demo:
         run_dir = published_dir(self.config.path("predictions"))
         evaluation = EvalReport.read(layout.join(run_dir, prediction.EVAL_FILE))
         rows = []
-        for path in sorted(glob.glob(layout.join(run_dir, f"{prediction.PREDICTIONS_PREFIX}-*-of-*.jsonl"))):
+        for path in sorted(glob.glob(prediction.jsonl_predictions_pattern(run_dir))):
             with open(path) as handle:
                 rows.extend(json.loads(line) for line in handle if line.strip())
         rows.sort(key=lambda row: row[prediction.URI])

@@ -8,6 +8,8 @@ parallel lists keep the same shape in JSON, Arrow/Parquet and BigQuery.
 
 from __future__ import annotations
 
+from apache_beam.io.filesystems import FileSystems
+
 from schemas.fields import Field, RecordSchema
 from schemas.warehouse import TableSpec
 
@@ -54,4 +56,10 @@ SLICE_COLUMNS = (SPLIT, SOURCE)
 # batch_predict output layout: predictions-SSSSS-of-NNNNN.{jsonl,parquet},
 # eval.json and rejected-*.jsonl (schemas.layout) in the output directory.
 PREDICTIONS_PREFIX = "predictions"
+PREDICTIONS_JSONL_SUFFIX = ".jsonl"
 EVAL_FILE = "eval.json"
+
+
+def jsonl_predictions_pattern(run_dir: str) -> str:
+    """The glob of a published batch_predict run's JSON-lines shards (resolve the run with ``published_dir``)."""
+    return FileSystems.join(run_dir, f"{PREDICTIONS_PREFIX}-*-of-*{PREDICTIONS_JSONL_SUFFIX}")

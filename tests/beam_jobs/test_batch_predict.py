@@ -64,7 +64,7 @@ def write_manifest(path: str, rows: list[tuple[str, str]]) -> str:
 
 def read_rows(output_dir: str) -> list[dict]:
     rows = []
-    for path in sorted(glob.glob(os.path.join(published_dir(output_dir), f"{prediction.PREDICTIONS_PREFIX}-*.jsonl"))):
+    for path in sorted(glob.glob(prediction.jsonl_predictions_pattern(published_dir(output_dir)))):
         with open(path) as handle:
             rows.extend(json.loads(line) for line in handle if line.strip())
     return rows

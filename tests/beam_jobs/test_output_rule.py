@@ -126,7 +126,7 @@ def test_batch_predict_rerun_without_labels_leaves_no_stale_eval(trained_digits_
     second = published_dir(out)
     assert second != first
     assert not os.path.exists(os.path.join(second, prediction.EVAL_FILE))
-    rows = [line for path in glob.glob(os.path.join(second, f"{prediction.PREDICTIONS_PREFIX}-*.jsonl"))
+    rows = [line for path in glob.glob(prediction.jsonl_predictions_pattern(second))
             for line in open(path) if line.strip()]
     assert len(rows) == len(glob.glob(unlabeled))
 
