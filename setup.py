@@ -49,6 +49,7 @@ setup(
     packages=find_packages(include=["beam_jobs", "beam_jobs.*", "transforms", "transforms.*",
                                     "model_lib", "model_lib.*", "schemas", "schemas.*",
                                     "retrieval", "retrieval.*"]),
+    package_data={"beam_jobs": ["help/*.txt"]},  # Each job's --help, printed without importing the job.
     install_requires=RUNTIME_REQUIREMENTS,
     extras_require={"test": TEST_REQUIREMENTS, "bench": BENCH_REQUIREMENTS},
     entry_points={"console_scripts": ["vision-pipelines=beam_jobs.cli:main"]},
