@@ -171,7 +171,7 @@ def fixed_costs(work_dir: str, count: int, import_repeats: int = 3) -> str:
         phases["whole process, interpreter start and imports included"] = (
             time.perf_counter() - start, _children_cpu_s() - cpu)
         runs["with analysis" if analyze else "--skip_analysis"] = phases
-    from benchmarks.scale import cpu_description
+    from benchmarks.machine import cpu_description
 
     lines = [
         f"## Fixed costs: where a small create_dataset run's time goes ({count} images, 64x64 JPEG)",

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import pickle
-import platform
 import shutil
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from benchmarks.machine import cpu_description
 from benchmarks.report import BENCHMARKS_DOC, write_section
 from benchmarks.vectors import clustered_unit_vectors
 
@@ -52,18 +52,6 @@ TARGET_RECALL = 0.95
 ALL_THREADS = os.cpu_count() or 1
 _MIN_TIMED_SECONDS = 0.2
 _ROUNDS = 3
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo and the core count."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {ALL_THREADS} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'unknown CPU'}, {ALL_THREADS} cores"
 
 
 def load_dataset(name: str, rows: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +376,7 @@ def report(name: str, title: str, command: str, results: dict[str, dict[str, Any
            queries: int, png: str, loaded: str) -> str:
     lines = [f"## index: {title}", "", f"`{command}`", "",
              f"{rows:,} x {dimension} base vectors, {queries:,} held-out queries, recall@{K} against exact brute "
-             f"force. CPU: {cpu_model()}. {loaded}", "",
+             f"force. CPU: {cpu_description()}. {loaded}", "",
              "| method | build s | index MB | peak RSS MB | best QPS at recall >= 0.95 (1 thread) | "
              f"same ({ALL_THREADS} threads) | notes |", "|---|---:|---:|---:|---:|---:|---|"]
     for method, result in results.items():
@@ -434,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{args.dataset}_{len(base)}"
     work = args.work_dir or tempfile.mkdtemp(prefix=f"bench_index_{name}_")
     os.makedirs(work, exist_ok=True)
-    print(f"{name}: {base.shape} base, {queries.shape} queries; CPU {cpu_model()}; work dir {work}", flush=True)
+    print(f"{name}: {base.shape} base, {queries.shape} queries; CPU {cpu_description()}; work dir {work}", flush=True)
     results: dict[str, dict[str, Any]] = {}
     print("brute-force (ground truth)", flush=True)
     results["brute-force"] = run_in_child("brute-force", base, queries, None, work)

@@ -28,7 +28,7 @@ import time
 import duckdb
 import numpy as np
 
-from benchmarks.index import cpu_model
+from benchmarks.machine import cpu_description
 from benchmarks.report import write_section
 from benchmarks.vectors import clustered_unit_vectors, embedding_table, plant_duplicates
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     warehouse = f"duckdb:{path}"
     lines = [f"## near_duplicates: {len(ids):,} synthetic clustered 128-d unit vectors, 50 planted pairs", "",
              f"`python -m benchmarks.near_duplicates --rows {args.rows}{' --index' if args.index else ''}`", "",
-             f"CPU: {cpu_model()}. {args.loaded}", "", "| route | settings | wall s | CPU s | pairs found | "
+             f"CPU: {cpu_description()}. {args.loaded}", "", "| route | settings | wall s | CPU s | pairs found | "
              "planted found |", "|---|---|---:|---:|---:|---:|"]
 
     engine = sq.open_engine(warehouse)

@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Any
 
+from benchmarks.machine import cpu_description
+
 IMAGE_SIZE = 64
 CREATE_MODES = {
     "in-process": [],
@@ -40,22 +42,6 @@ CREATE_MODES = {
 }
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 _SAMPLE_S = 0.2
-
-
-def cpu_description() -> str:
-    """The CPU model and its widest vector extensions, from /proc/cpuinfo."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]
-    return f"{model}, {os.cpu_count()} cores ({', '.join(vector) or 'no AVX2'})"
 
 
 def _tree_rss_bytes(root: int) -> int:
