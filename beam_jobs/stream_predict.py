@@ -91,6 +91,7 @@ from transforms.streaming_eval import (
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL_REFRESH_SECS = 60.0
+DEFAULT_DRIFT_MIN_PREDICTIONS = 100
 DATAFLOW_AUTOSCALING = "THROUGHPUT_BASED"
 _TOPIC_RE = re.compile(r"^projects/[^/]+/topics/[^/]+$")
 _SUBSCRIPTION_RE = re.compile(r"^projects/[^/]+/subscriptions/[^/]+$")
@@ -139,6 +140,10 @@ class StreamPredictOptions(ModelOptions):
         parser.add_argument("--drift_alert_threshold", type=float, default=0.3,
                             help="Alert when the predicted-label distribution is further than this (total "
                                  "variation) from the training distribution.")
+        parser.add_argument("--drift_min_predictions", type=int, default=DEFAULT_DRIFT_MIN_PREDICTIONS,
+                            help="Least predictions a monitoring report must cover before it can raise a drift "
+                                 f"alert (default {DEFAULT_DRIFT_MIN_PREDICTIONS}): a handful of predictions is "
+                                 "far from any distribution by chance.")
         parser.add_argument("--model_refresh_secs", type=float, default=DEFAULT_MODEL_REFRESH_SECS,
                             help="Least seconds between two reads of --model_dir's CURRENT pointer.")
 
@@ -166,6 +171,7 @@ class StreamPredictConfig:
     accuracy_alert_threshold: float | None
     dataset_dir: str | None
     drift_alert_threshold: float
+    drift_min_predictions: int
     message_format: str
     timestamp_attribute: str | None
     top_k: int
@@ -197,6 +203,9 @@ class StreamPredictConfig:
             raise ValueError("--label_timeout_secs must be > 0 and --eval_interval_secs >= 1. Received "
                              f"`label_timeout_secs={flags.label_timeout_secs}`, "
                              f"`eval_interval_secs={flags.eval_interval_secs}`")
+        if flags.drift_min_predictions < 1:
+            raise ValueError(f"--drift_min_predictions must be >= 1. Received "
+                             f"`drift_min_predictions={flags.drift_min_predictions}`")
         if flags.model_refresh_secs <= 0:
             raise ValueError(f"--model_refresh_secs must be > 0. Received `model_refresh_secs={flags.model_refresh_secs}`")
         return cls(
@@ -214,6 +223,7 @@ class StreamPredictConfig:
             accuracy_alert_threshold=flags.accuracy_alert_threshold,
             dataset_dir=flags.dataset_dir,
             drift_alert_threshold=flags.drift_alert_threshold,
+            drift_min_predictions=flags.drift_min_predictions,
             message_format=flags.message_format,
             timestamp_attribute=flags.timestamp_attribute,
             top_k=flags.top_k,
@@ -289,7 +299,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: StreamPredictConfig,
             config.metrics_topic)
         if config.dataset_dir:
             alert_streams.append(reports | "DetectDrift" >> beam.ParDo(DriftAlertFn(
-                training_distribution(config.dataset_dir), config.drift_alert_threshold)))
+                training_distribution(config.dataset_dir), config.drift_alert_threshold,
+                config.drift_min_predictions)))
     if config.labels_subscription:
         parsed = (
             pipeline

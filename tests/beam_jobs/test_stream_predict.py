@@ -367,6 +367,8 @@ def read_table(bigquery_emulator, table: str, count: int, timeout_s: float = 60)
     (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
       "--dead_letter_topic", "projects/p/topics/dlq", "--model_refresh_secs", "0"], "model_refresh_secs=0"),
     (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
+      "--dead_letter_topic", "projects/p/topics/dlq", "--drift_min_predictions", "0"], "drift_min_predictions=0"),
+    (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
       "--dead_letter_topic", "projects/p/topics/dlq", "--message_fromat", "raw_bytes"], "--message_format"),
 ])
 def test_bad_flags_end_in_one_line_and_exit_2(argv, fragment, capsys):
@@ -391,7 +393,8 @@ def test_late_labels_join_into_windowed_accuracy_and_shifted_predictions_raise_d
                          "--metrics_topic", metrics_topic, "--monitoring_interval_secs", "2",
                          "--labels_subscription", labels_sub, "--eval_interval_secs", "2",
                          "--accuracy_alert_threshold", "0.99",
-                         "--dataset_dir", digits_dataset.dataset_dir, "--drift_alert_threshold", "0.5"):
+                         "--dataset_dir", digits_dataset.dataset_dir, "--drift_alert_threshold", "0.5",
+                         "--drift_min_predictions", "1"):  # 20 images spread over 2 s reports.
             publish(pubsub_emulator, paths["input"], [
                 (json_message(image_id=image_id, image_base64=b64(data)), {})
                 for image_id, (_, data) in zip(truth, chosen)])
