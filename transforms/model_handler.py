@@ -317,11 +317,34 @@ def acquire_model(handler: ImageModelHandler, shared_handle: shared.Shared) -> L
     handler shares its model across processes, this is the same
     ``MultiProcessShared`` copy, reached through a proxy (methods only).
     """
-    tag = handler.model_identifier
     if handler.share_model_across_processes():
-        # RunInference names the first copy f"{tag}0" (base._get_tags_for_copies).
-        return multi_process_shared.MultiProcessShared(handler.load_model, tag=f"{tag}0", always_proxy=True).acquire()
-    return shared_handle.acquire(handler.load_model, tag=tag)
+        return _machine_copy(handler)
+    return shared_handle.acquire(handler.load_model, tag=handler.model_identifier)
+
+
+def _machine_copy(handler: ImageModelHandler) -> LoadedImageModel:
+    """The ``MultiProcessShared`` copy of a model shared across processes (loaded by whoever asks first)."""
+    # RunInference names the first copy f"{tag}0" (base._get_tags_for_copies).
+    return multi_process_shared.MultiProcessShared(
+        handler.load_model, tag=f"{handler.model_identifier}0", always_proxy=True).acquire()
+
+
+def loaded_model(handler: ImageModelHandler) -> LoadedImageModel | None:
+    """The copy ``RunInference`` loaded for ``handler`` in this process, or None before it has: never loads one.
+
+    For a step that only looks at the serving model (the pointer check of
+    model refresh). Loading from such a step would hold a second Beam
+    ``Shared`` token for one model: Beam keeps only the last token acquired in
+    a process alive between bundles, so the first copy is dropped and
+    RunInference loads the model again (seen on the BundleBasedDirectRunner,
+    which runs each bundle on a fresh copy of the DoFn). With a model shared
+    across processes there is one copy per machine whoever asks first, so it
+    is acquired as ``acquire_model`` does.
+    """
+    if handler.share_model_across_processes():
+        return _machine_copy(handler)
+    with _LIVE_MODELS_LOCK:
+        return _LIVE_MODELS.get(handler._token)
 
 
 @beam.typehints.with_output_types(KeyedPrediction, dead_letters=DeadLetter)

@@ -19,9 +19,9 @@ Beam 2.77's file-pattern watcher (``WatchFilePattern``) fails on the local
 runners. A pointer read from inside the pipeline works the same everywhere.
 
 The check runs in ``WatchModelPointerFn``, a pass-through step before
-``PredictImages``: it shares the model object ``RunInference`` loaded in the
-process (``model_handler.acquire_model``), so no extra copy stays resident
-and the alert is an ordinary Beam output.
+``PredictImages``: it looks up the model object ``RunInference`` loaded in the
+process (``model_handler.loaded_model``) and never loads one itself, so the
+job loads one copy at start and the alert is an ordinary Beam output.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from typing import Callable, Iterable
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.utils import shared
 from PIL import Image
 
 from schemas import model_artifacts
@@ -44,7 +43,7 @@ from schemas.dead_letter import DeadLetter
 from schemas.publication import published_dir
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.image_inputs import KeyedImage
-from transforms.model_handler import ImageModelHandler, LoadedImageModel, acquire_model
+from transforms.model_handler import ImageModelHandler, LoadedImageModel, loaded_model
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -188,15 +187,16 @@ class WatchModelPointerFn(beam.DoFn):
 
     def __init__(self, handler: RefreshingImageModelHandler):
         self._handler = handler
-        self._shared_handle = shared.Shared()
 
     def setup(self) -> None:
-        self._model = acquire_model(self._handler, self._shared_handle)
+        self._model: SwitchableImageModel | None = None
         self._switches = Metrics.counter(METRICS_NAMESPACE, SWITCHES_COUNTER)
         self._refusals = Metrics.counter(METRICS_NAMESPACE, REFUSALS_COUNTER)
 
     def process(self, element: KeyedImage) -> Iterable[KeyedImage | beam.pvalue.TaggedOutput]:
-        outcome = self._model.check_pointer()
+        if self._model is None:  # Until RunInference has loaded it in this process, nothing to check.
+            self._model = loaded_model(self._handler)
+        outcome = self._model.check_pointer() if self._model is not None else None
         if outcome is not None:
             if outcome.switched:
                 self._switches.inc()
