@@ -18,6 +18,7 @@ from schemas.classification_metrics import ModelMetrics
 from schemas.dataset_info import DatasetInfo
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import published_dir
+from tests.fixtures.models import TRAINED_DIGITS_HPARAMS
 
 # A tiny CNN for the tests that exercise mechanics rather than accuracy.
 TINY = {"filters": [8, 16], "embedding_dim": 16, "batch_size": 128}
@@ -31,7 +32,7 @@ def test_trained_model_learns_and_writes_every_artifact(trained_digits_model, di
     assert metrics.test.count == sum(sum(row) for row in metrics.test.confusion_matrix)
     assert len(metrics.test.per_class) == len(metrics.test.confusion_matrix) == 10
     assert 0.85 <= metrics.test.macro_f1 <= 1.0
-    assert len(metrics.history["val_accuracy"]) == metrics.epochs_run == 8
+    assert len(metrics.history["val_accuracy"]) == metrics.epochs_run == TRAINED_DIGITS_HPARAMS["epochs"]
 
     info = ModelInfo.read(trained_digits_model)
     dataset_run = published_dir(digits_dataset.dataset_dir)
