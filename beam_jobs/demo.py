@@ -8,17 +8,23 @@ in the report and the log), in a work directory:
   rows, to show dead letters) -> train -> batch-predict on the test split,
   with evaluation -> extract-embeddings into DuckDB -> build-index -> search
   for a few test images -> sql (``neighbors``, ``label_outliers``,
-  ``near_duplicates``)
+  ``near_duplicates``); with ``--streaming``, then stream-predict: the
+  Cloud SDK's Pub/Sub emulator is started, stream_predict runs on the
+  trained model, ``--stream_messages`` test images are published and their
+  labels published late, so its windowed accuracy (late-label evaluation)
+  and end-to-end latency show; the job and the emulator are stopped however
+  the stage ends
+
 
 Outputs under ``--workdir W``: ``digits/``, ``bad_inputs/``, ``dataset/``,
 ``model/``, ``predictions/``, ``warehouse.duckdb``, ``index/``, ``demo.log``
-(everything the libraries logged) and ``report.html`` (self-contained:
+(everything the libraries logged), with ``--streaming`` ``pubsub-emulator.log``, and ``report.html`` (self-contained:
 open it from disk). A non-empty ``W`` needs ``--overwrite``; a rerun then
 follows each job's output rule (``--overwrite``, ``--write_disposition
 truncate``, reused training trial), so it is safe and gives the same answers.
 
 Example:
-  vision-pipelines demo --workdir out/demo
+  vision-pipelines demo --workdir out/demo --streaming
 """
 
 from __future__ import annotations
@@ -53,10 +59,17 @@ PREDICTION_EXAMPLES = 12  # Right predictions shown (every wrong one is shown, u
 # Bad manifest rows appended to the digits: each becomes a dead letter with its own reason.
 BAD_ROWS = (("missing.png", "3", None), ("notes.png", "1", b"these are notes, not an image\n"),
             ("truncated.png", "7", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00"))
-
-
-STREAMING_NOTE = ("Not in this demo: streaming (stream-predict through the Pub/Sub emulator), which has no "
-                  "late-label input or windowed accuracy to show yet.")
+DEFAULT_STREAM_MESSAGES = 300
+MAX_STREAM_MESSAGES = 10_000
+STREAM_PROJECT = "demo-project"  # Any name does on the emulator.
+STREAM_EVAL_INTERVAL_SECS = 2  # Short windows, so a few hundred images give several.
+STREAM_COLLECT_TIMEOUT_S = 240.0
+STREAM_STOP_TIMEOUT_S = 60.0
+# The local runner needs a message on each source every second (transforms.stream_probe): on the images'
+# one malformed on purpose (each is dead-lettered), on the labels' one for an image never predicted (it waits
+# in the join until the job stops, scored nowhere).
+WAKE_UP = b"wake up"
+WAKE_UP_LABEL = b'{"image_id": "wake-up", "label": "wake-up"}'
 
 
 class StageFailed(RuntimeError):
@@ -74,6 +87,8 @@ class DemoConfig:
     verbose: bool
     epochs: int
     limit: int | None
+    streaming: bool = False
+    stream_messages: int = DEFAULT_STREAM_MESSAGES
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
@@ -93,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="Show what TensorFlow, absl and Beam log (by default it goes to WORKDIR/demo.log).")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"Training epochs (default {DEFAULT_EPOCHS}).")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N digits (default: all 1,797).")
+    parser.add_argument("--streaming", action="store_true",
+                        help="Also run stream-predict through the Pub/Sub emulator (needs the Google Cloud SDK "
+                             "and its pubsub-emulator component), with late labels and windowed accuracy.")
+    parser.add_argument("--stream_messages", type=int, default=DEFAULT_STREAM_MESSAGES,
+                        help=f"Test images published with --streaming (default {DEFAULT_STREAM_MESSAGES}; the test "
+                             "split is repeated under new image ids when it has fewer).")
     return parser
 
 
@@ -103,7 +124,11 @@ def parse_config(argv: list[str]) -> DemoConfig:
         raise ValueError(f"--epochs must be in [1, 200]. Received `--epochs={args.epochs}`")
     if args.limit is not None and args.limit < 50:
         raise ValueError(f"--limit must be at least 50 (every split needs images). Received `--limit={args.limit}`")
-    return DemoConfig(os.path.abspath(args.workdir), args.overwrite, args.verbose, args.epochs, args.limit)
+    if not 1 <= args.stream_messages <= MAX_STREAM_MESSAGES:
+        raise ValueError(f"--stream_messages must be in [1, {MAX_STREAM_MESSAGES}]. "
+                         f"Received `--stream_messages={args.stream_messages}`")
+    return DemoConfig(os.path.abspath(args.workdir), args.overwrite, args.verbose, args.epochs, args.limit,
+                      args.streaming, args.stream_messages)
 
 
 @dataclasses.dataclass
@@ -322,6 +347,74 @@ class Demo:
         self.values["sql"] = sections
         stage.detail = ", ".join(counts)
 
+    def stream_predict(self, stage: Stage) -> None:
+        from google.cloud import pubsub_v1
+
+        from beam_jobs import stream_predict
+        from model_lib.report_html import LATENCY_PERCENTILES, StreamingRecord, StreamingWindow, percentile
+        from schemas import prediction
+        from schemas.dead_letter import DeadLetter
+        from transforms import pubsub_emulator, stream_probe
+        from transforms.image_inputs import message_ref
+
+        chosen = stream_selection(self.values["prediction_rows"], self.config.stream_messages)
+        images = []
+        for row in chosen:
+            with open(row[prediction.URI], "rb") as handle:
+                images.append(handle.read())
+        ids = [stream_image_id(n) for n in range(len(chosen))]
+        with (pubsub_emulator.running_emulator(self.config.path("pubsub-emulator.log")) as host,
+              pubsub_emulator.clients_pointed_at(host)):
+            publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+            paths = {name: stream_probe.create_topic_and_subscription(publisher, subscriber, STREAM_PROJECT,
+                                                                      f"demo-{name}")
+                     for name in ("images", "predictions", "dead-letters", "metrics", "labels")}
+            argv = ["--model_dir", self.config.path("model", "best"), "--input_subscription", paths["images"][1],
+                    "--output_topic", paths["predictions"][0], "--dead_letter_topic", paths["dead-letters"][0],
+                    "--message_format", "json_base64", "--metrics_topic", paths["metrics"][0],
+                    "--labels_subscription", paths["labels"][1],
+                    "--eval_interval_secs", str(STREAM_EVAL_INTERVAL_SECS)]
+            result = self.call(stage, "stream-predict", stream_predict.run, argv)
+            wake_ups = {paths["images"][0]: WAKE_UP, paths["labels"][0]: WAKE_UP_LABEL}
+            with stream_probe.waking(publisher, wake_ups) as woken:
+                try:
+                    # Event time is each message's publish time; the image_id attribute names it for a reader.
+                    message_ids = stream_probe.publish_all(
+                        publisher, paths["images"][0],
+                        [stream_probe.image_message(i, data) for i, data in zip(ids, images)],
+                        attributes=[{prediction.IMAGE_ID: image_id} for image_id in ids])
+                    outputs = stream_probe.pull_predictions(subscriber, paths["predictions"][1], set(ids),
+                                                            STREAM_COLLECT_TIMEOUT_S)
+                    # The labels come late: only once every prediction is out.
+                    stream_probe.publish_all(publisher, paths["labels"][0], [
+                        stream_probe.label_message(image_id, str(row[prediction.TRUE_LABEL]))
+                        for image_id, row in zip(ids, chosen)])
+                    reports = stream_probe.pull_evaluations(subscriber, paths["metrics"][1], len(outputs),
+                                                            STREAM_COLLECT_TIMEOUT_S)
+                finally:
+                    _stop_streaming_job(result)  # While the sources are woken, so the runner's pulls return.
+            letters = [DeadLetter.from_json(message.data.decode("utf-8"))
+                       for message in stream_probe.pull_remaining(subscriber, paths["dead-letters"][1])]
+        refs = {message_ref(message_id) for message_id in message_ids}
+        latencies = [latency for rows in outputs.values() for _, latency in rows]
+        record = StreamingRecord(
+            messages_in=len(ids), predictions_out=sum(len(rows) for rows in outputs.values()),
+            dead_letters=sum(1 for letter in letters if letter.input_ref in refs),
+            wake_ups=len(woken[paths["images"][0]]),
+            latencies_s=latencies, windows=[StreamingWindow(report.count, report.accuracy) for report in reports],
+            command=stage.commands[-1])
+        self.values["streaming"] = record
+        labeled = sum(window.count for window in record.windows)
+        accuracy = sum(window.accuracy * window.count for window in record.windows) / max(1, labeled)
+        timing = ", ".join(f"p{q} {percentile(latencies, q):.2f} s" for q in LATENCY_PERCENTILES[:2]) \
+            if latencies else "no latency"
+        stage.detail = (f"{record.messages_in} images in, {record.predictions_out} predictions out, "
+                        f"{record.dead_letters} dead letters (+{record.wake_ups} wake-ups); latency {timing}; "
+                        f"windowed accuracy {accuracy:.4f} over {len(record.windows)} windows "
+                        f"({labeled} labeled)")
+        stage.printed += "".join(f"window {n}: {window.count} labeled, accuracy {window.accuracy:.4f}\n"
+                                 for n, window in enumerate(record.windows, start=1))
+
     # -- the report ----------------------------------------------------------------------------------------
 
     def write_report(self, total_seconds: float) -> str:
@@ -351,12 +444,34 @@ class Demo:
             model_metrics=self.values["model_metrics"], evaluation=self.values["evaluation"],
             predictions=examples, index=self.values["index"], searches=self.values["searches"],
             sql=self.values["sql"], thumbnails={uri: _thumbnail(uri) for uri in sorted(uris)},
-            total_seconds=total_seconds,
-            omitted=[STREAMING_NOTE],
+            total_seconds=total_seconds, streaming=self.values.get("streaming"),
         )
         path = self.config.path("report.html")
         write_file_atomically(path, report_html.render(report).encode("utf-8"))
         return path
+
+
+def stream_selection(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The test split's prediction rows to stream: ``count`` of them, repeating the split when it is shorter."""
+    return [rows[n % len(rows)] for n in range(count)]
+
+
+def stream_image_id(number: int) -> str:
+    """The image_id of the ``number``-th streamed image: unique even when the split repeats."""
+    return f"stream-{number:05d}"
+
+
+def _stop_streaming_job(result: Any) -> None:
+    """Cancels the running stream-predict job.
+
+    Raises:
+      RuntimeError: It did not stop within ``STREAM_STOP_TIMEOUT_S``.
+    """
+    stopper = threading.Thread(target=result.cancel, daemon=True)
+    stopper.start()
+    stopper.join(STREAM_STOP_TIMEOUT_S)
+    if stopper.is_alive():
+        raise RuntimeError(f"stream-predict did not stop within {STREAM_STOP_TIMEOUT_S:.0f} s")
 
 
 def _tick(console: TextIO, prefix: str, stop: threading.Event) -> None:
@@ -416,6 +531,12 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("search", "search"),
     ("sql", "sql_queries"),
 )
+STREAMING_STAGE = ("stream-predict", "stream_predict")
+
+
+def stages(config: DemoConfig) -> tuple[tuple[str, str], ...]:
+    """The stages the demo runs: the batch chain, then streaming with ``--streaming``."""
+    return STAGES + ((STREAMING_STAGE,) if config.streaming else ())
 
 
 def run(config: DemoConfig, console: TextIO, errors: TextIO) -> Demo:
@@ -426,8 +547,9 @@ def run(config: DemoConfig, console: TextIO, errors: TextIO) -> Demo:
     """
     demo = Demo(config, console, errors)
     started = time.monotonic()
-    for number, (name, method) in enumerate(STAGES, start=1):
-        demo.run_stage(number, len(STAGES), name, getattr(demo, method))
+    chain = stages(config)
+    for number, (name, method) in enumerate(chain, start=1):
+        demo.run_stage(number, len(chain), name, getattr(demo, method))
     total = time.monotonic() - started
     demo.values["report"] = demo.write_report(total)
     demo.values["total_seconds"] = total
@@ -447,14 +569,18 @@ def _summary(demo: Demo) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the demo; exit status 0, 2 for a flag error or a non-empty --workdir without --overwrite, else
-    the failing job's status."""
+    """Runs the demo; exit status 0, 2 for a flag error or a non-empty --workdir without --overwrite, 3 for
+    --streaming without the Pub/Sub emulator, else the failing job's status."""
+    from schemas.exit_status import UnusableInputError
+    from transforms import pubsub_emulator
     from transforms.runner_policy import report_usage_error
 
     try:
         config = parse_config(list(sys.argv[1:] if argv is None else argv))
     except ValueError as error:
         return report_usage_error("demo", error)
+    if config.streaming and pubsub_emulator.emulator_launcher() is None:
+        return report_usage_error("demo", UnusableInputError(f"--streaming: {pubsub_emulator.MISSING}"))
     if os.path.isdir(config.workdir) and os.listdir(config.workdir) and not config.overwrite:
         return report_usage_error("demo", ValueError(
             f"--workdir {config.workdir} is not empty; pass --overwrite to run the demo again there "

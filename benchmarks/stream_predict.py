@@ -17,50 +17,24 @@ the default CNN trained on the digits sample, as the tests do).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from typing import Any
 
 import numpy as np
 
+from transforms.pubsub_emulator import start_emulator, stop_emulator
+from transforms.stream_probe import image_message, publish_all, pull_predictions
+
 PROJECT = "bench-project"
 WARMUP_MESSAGES = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_emulator(log_path: str) -> tuple[subprocess.Popen, str]:
-    """Starts the Cloud SDK's Pub/Sub emulator; returns the process and its host:port."""
-    root = subprocess.run(["gcloud", "info", "--format=value(installation.sdk_root)"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    port = _free_port()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([os.path.join(root, "platform/pubsub-emulator/bin/cloud-pubsub-emulator"),
-                                    "--host=127.0.0.1", f"--port={port}"], stdout=log, stderr=subprocess.STDOUT)
-    host = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://{host}/", timeout=2):
-                return process, host
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the Pub/Sub emulator did not start")
 
 
 def digit_images(count: int) -> list[bytes]:
@@ -78,39 +52,15 @@ def digit_images(count: int) -> list[bytes]:
     return images
 
 
-def pull_outputs(subscriber: Any, subscription: str, want: set[str], timeout_s: float) -> dict[str, list[float]]:
-    """image_id -> latencies (s) of every output for it, until every wanted id came (or the timeout)."""
-    seen: dict[str, list[float]] = {}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not want <= set(seen):
-        response = subscriber.pull(request={"subscription": subscription, "max_messages": 500}, timeout=10)
-        if not response.received_messages:
-            continue
-        subscriber.acknowledge(request={"subscription": subscription,
-                                        "ack_ids": [m.ack_id for m in response.received_messages]})
-        for received in response.received_messages:
-            row = json.loads(received.message.data)
-            event = np.datetime64(row["event_time"].replace("+00:00", ""), "us").astype(float) / 1e6
-            published = received.message.publish_time.timestamp()
-            seen.setdefault(row["image_id"], []).append(published - event)
-    return seen
-
-
 def run_rate(publisher: Any, subscriber: Any, paths: dict[str, str], images: list[bytes], rate: float,
              seconds: float, tag: str) -> dict[str, Any]:
     count = max(1, int(rate * seconds))
     ids = [f"{tag}-{i}" for i in range(count)]
     start = time.monotonic()
-    futures = []
-    for i, image_id in enumerate(ids):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        body = json.dumps({"image_id": image_id, "image_base64": base64.b64encode(images[i % len(images)]).decode()})
-        futures.append(publisher.publish(paths["input"], body.encode()))
-    for future in futures:
-        future.result(timeout=60)
-    seen = pull_outputs(subscriber, paths["output_sub"], set(ids), timeout_s=max(90.0, seconds * 3))
+    publish_all(publisher, paths["input"], [image_message(image_id, images[i % len(images)])
+                                            for i, image_id in enumerate(ids)], rate=rate)
+    outputs = pull_predictions(subscriber, paths["output_sub"], set(ids), timeout_s=max(90.0, seconds * 3))
+    seen = {image_id: [latency for _, latency in rows] for image_id, rows in outputs.items()}
     elapsed = time.monotonic() - start
     latencies = np.array([value for values in seen.values() for value in values])
     return {
@@ -162,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if job is not None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-        emulator.terminate()
-        emulator.wait(timeout=30)
+        stop_emulator(emulator)
     print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                       "model_dir": args.model_dir, "results": results}, indent=2))
     print("\n| rate (msg/s) | published | lost | duplicates | throughput (msg/s) | p50 (s) | p95 (s) | p99 (s) |")

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 THUMBNAIL_SIDE = 64  # Pixels a thumbnail is stored at; digits (32 px) are shown 2x, pixelated.
 SECTION_IDS = ("stages", "dataset", "training", "evaluation", "predictions", "index", "search", "sql")
+STREAMING_SECTION_ID = "streaming"  # Only when the demo ran with --streaming.
+LATENCY_PERCENTILES = (50, 95, 99)
+HISTOGRAM_BINS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,46 @@ class SqlSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamingWindow:
+    """One evaluation report of stream_predict: the late-labeled predictions scored in one pane."""
+
+    count: int
+    accuracy: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingRecord:
+    """What the demo's streaming stage pushed through stream_predict and read back.
+
+    Attributes:
+      messages_in: Image messages published.
+      predictions_out: Prediction messages read back (one per image when nothing is lost or duplicated).
+      dead_letters: Dead letters of the published images (0 for good images).
+      wake_ups: Malformed wake-up messages the local runner needed (each dead-lettered, not counted above).
+      latencies_s: End-to-end latency of every prediction, seconds.
+      windows: Windowed accuracy, in the order the job reported it.
+      command: The stream-predict command that ran.
+    """
+
+    messages_in: int
+    predictions_out: int
+    dead_letters: int
+    wake_ups: int
+    latencies_s: Sequence[float]
+    windows: Sequence[StreamingWindow]
+    command: str
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (linear interpolation, as numpy's default) of non-empty ``values``."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoReport:
     """Everything ``render`` lays out.
 
@@ -96,7 +139,7 @@ class DemoReport:
     sql: Sequence[SqlSection]
     thumbnails: dict[str, str]
     total_seconds: float
-    omitted: Sequence[str] = ()
+    streaming: StreamingRecord | None = None
 
 
 def thumbnail_data_uri(image_bytes: bytes, side: int = THUMBNAIL_SIDE) -> str:
@@ -146,8 +189,7 @@ def _section(section_id: str, title: str, body: str) -> str:
 def _stages(report: DemoReport) -> str:
     rows = [[_e(stage.name), _e(stage.detail), f"{stage.seconds:.1f} s", f"<code>{_e(stage.command)}</code>"]
             for stage in report.stages]
-    omitted = "".join(f"<p class='note'>{_e(note)}</p>" for note in report.omitted)
-    return _section("stages", "Stages", _table(["stage", "result", "time", "command"], rows) + omitted
+    return _section("stages", "Stages", _table(["stage", "result", "time", "command"], rows)
                     + f"<p>Total {report.total_seconds:.1f} s.</p>")
 
 
@@ -334,6 +376,54 @@ def _sql(report: DemoReport) -> str:
     return _section("sql", "SQL over the embeddings", "".join(parts))
 
 
+def _histogram(title: str, values: Sequence[float], bins: int = HISTOGRAM_BINS, width: int = 420,
+               height: int = 200) -> str:
+    """An inline SVG histogram of ``values`` (seconds) in ``bins`` equal-width bins."""
+    low, high = min(values), max(values)
+    step = (high - low) / bins or 1.0
+    counts = [0] * bins
+    for value in values:
+        counts[min(int((value - low) / step), bins - 1)] += 1
+    left, right, top, bottom = 40, 10, 24, 28
+    plot_w, plot_h = width - left - right, height - top - bottom
+    bar_w, tallest = plot_w / bins, max(counts)
+    bars = "".join(
+        f'<rect x="{left + i * bar_w + 1:.1f}" y="{top + plot_h * (1 - count / tallest):.1f}" '
+        f'width="{bar_w - 2:.1f}" height="{plot_h * count / tallest:.1f}" fill="#1f77b4">'
+        f"<title>{low + i * step:.3f}-{low + (i + 1) * step:.3f} s: {count}</title></rect>"
+        for i, count in enumerate(counts))
+    axes = (f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>'
+            f'<text x="4" y="{top + 10}" font-size="11">{tallest}</text>'
+            f'<text x="{left}" y="{height - 8}" font-size="11">{low:.2f} s</text>'
+            f'<text x="{left + plot_w - 50}" y="{height - 8}" font-size="11">{high:.2f} s</text>'
+            f'<text x="{left}" y="14" font-size="12">{_e(title)}</text>')
+    return (f'<svg class="chart" role="img" aria-label="{_e(title)}" width="{width}" height="{height}">'
+            f"<title>{_e(title)}</title>{axes}{bars}</svg>")
+
+
+def _streaming(stream: StreamingRecord) -> str:
+    latencies = list(stream.latencies_s)
+    counts = _table(["images in", "predictions out", "dead letters", "wake-up messages"],
+                    [[str(stream.messages_in), str(stream.predictions_out), str(stream.dead_letters),
+                      str(stream.wake_ups)]])
+    parts = [f"<p>Images published to the Pub/Sub emulator, predicted by <code>{_e(stream.command)}</code>, "
+             "then their labels published late and joined to the predictions (windowed accuracy). "
+             "Latency: an output's publish time minus its input's publish time. Wake-up messages are "
+             "malformed on purpose (the local runner keeps reading, and fires its timers, only while messages "
+             "arrive on each source) and are "
+             "dead-lettered apart from the images.</p>", counts]
+    if latencies:
+        rows = [[f"p{q}", f"{percentile(latencies, q):.3f} s"] for q in LATENCY_PERCENTILES]
+        rows.append(["max", f"{max(latencies):.3f} s"])
+        parts.append("<div class='side'><div><h3>Latency</h3>" + _table(["percentile", "latency"], rows)
+                     + f"</div><div>{_histogram('End-to-end latency', latencies)}</div></div>")
+    windows = [[str(n), str(window.count), f"{window.accuracy:.4f}"]
+               for n, window in enumerate(stream.windows, start=1)]
+    parts.append("<h3>Windowed accuracy</h3>" + (_table(["window", "labeled predictions", "accuracy"], windows,
+                                                        "windows") if windows else "<p>No window was reported.</p>"))
+    return _section(STREAMING_SECTION_ID, "Streaming", "".join(parts))
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
@@ -347,14 +437,15 @@ figure.right .thumb, figure.same .thumb { border: 3px solid #2ca02c; }
 figure.query .thumb { border: 3px solid #1f77b4; }
 .gallery { display: inline-flex; flex-wrap: wrap; } .search-row { display: flex; align-items: flex-start; }
 .side { display: flex; gap: 3em; flex-wrap: wrap; } .charts svg { margin-right: 1em; }
-.note { color: #a60; } .index-point { font-size: 18px; }
+.index-point { font-size: 18px; }
 """
 
 
 def render(report: DemoReport) -> str:
     """The whole page as one HTML string."""
     body = "".join((_stages(report), _dataset(report), _training(report), _evaluation(report), _predictions(report),
-                    _index(report), _search(report), _sql(report)))
+                    _index(report), _search(report), _sql(report),
+                    _streaming(report.streaming) if report.streaming else ""))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             "<title>vision-pipelines demo report</title>"
             f"<style>{_STYLE}</style></head><body><h1>vision-pipelines demo report</h1>"

@@ -3,14 +3,18 @@
 Checks what a person sees: one progress line per stage and no library noise
 on the terminal, numbers that match the artifacts the jobs wrote (read
 through their contracts), and a report.html that is self-contained and
-renders in a real headless browser.
+renders in a real headless browser. Where the Cloud SDK's Pub/Sub emulator is
+installed the same run adds ``--streaming`` (a short stream of test images),
+so the streaming stage costs only its own time.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import glob
 import io
+import json
 import os
 import re
 import shutil
@@ -21,16 +25,22 @@ import pytest
 from PIL import Image
 
 from beam_jobs import demo, sql
+from model_lib import report_html
 from schemas import layout, prediction
 from schemas.classification_metrics import EvalReport, ModelMetrics
 from schemas.dataset_info import DatasetInfo
 from schemas.index import IndexInfo
 from schemas.publication import published_dir
+from transforms import pubsub_emulator
 
 LIMIT = 400
 EPOCHS = 2
+STREAM_MESSAGES = 120  # Twice the test split or so: the split repeats under new image ids.
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGE_LINE = re.compile(r"^\[(\d)/(\d)\] (\S+)\s+(.*)  \((\d+\.\d) s\)$")
+STREAM_LINE = re.compile(r"^(\d+) images in, (\d+) predictions out, (\d+) dead letters \(\+(\d+) wake-ups\); "
+                         r"latency p50 ([\d.]+) s, p95 ([\d.]+) s; windowed accuracy ([\d.]+) over (\d+) windows "
+                         r"\((\d+) labeled\)$")
 NOISE = re.compile(r"\bINFO\b|\bWARNING\b|tensorflow|absl|I0000|W0000|oneDNN|cuda|Traceback", re.IGNORECASE)
 
 
@@ -40,14 +50,19 @@ class DemoRun:
     stdout: str
     stderr: str
     stages: dict[str, str]  # Stage name -> its progress line's result text.
+    streaming: bool
+
+
+needs_streaming = pytest.mark.skipif(pubsub_emulator.emulator_launcher() is None, reason=pubsub_emulator.MISSING)
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     workdir = str(tmp_path_factory.mktemp("demo") / "work")
+    streaming = pubsub_emulator.emulator_launcher() is not None
     done = subprocess.run(
         [sys.executable, "-m", "beam_jobs.cli", "demo", "--workdir", workdir, "--limit", str(LIMIT),
-         "--epochs", str(EPOCHS)],
+         "--epochs", str(EPOCHS)] + (["--streaming", "--stream_messages", str(STREAM_MESSAGES)] if streaming else []),
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
@@ -56,7 +71,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
         match = STAGE_LINE.match(line)
         if match:
             stages[match.group(3)] = match.group(4)
-    return DemoRun(workdir, done.stdout, done.stderr, stages)
+    return DemoRun(workdir, done.stdout, done.stderr, stages, streaming)
 
 
 def _number(pattern: str, text: str) -> float:
@@ -66,7 +81,8 @@ def _number(pattern: str, text: str) -> float:
 
 
 def test_one_progress_line_per_stage_and_no_library_noise(demo_run: DemoRun) -> None:
-    assert list(demo_run.stages) == [name for name, _ in demo.STAGES]
+    want = demo.STAGES + ((demo.STREAMING_STAGE,) if demo_run.streaming else ())
+    assert list(demo_run.stages) == [name for name, _ in want]
     assert not NOISE.search(demo_run.stdout), demo_run.stdout
     assert demo_run.stderr == ""
     assert "report: " in demo_run.stdout and "== train ==" in demo_run.stdout  # Summaries at the end.
@@ -118,8 +134,9 @@ def _report(demo_run: DemoRun) -> str:
 
 def test_report_is_self_contained_with_every_section(demo_run: DemoRun) -> None:
     page = _report(demo_run)
-    for section in ("stages", "dataset", "training", "evaluation", "predictions", "index", "search", "sql"):
+    for section in report_html.SECTION_IDS:
         assert f'<section id="{section}">' in page
+    assert (f'<section id="{report_html.STREAMING_SECTION_ID}">' in page) == demo_run.streaming
     for text in ("Rejections by reason", "missing_file", "Confusion matrix", "Per-class metrics", "Right (",
                  "Wrong (", "recall@", "queries/s", "label_outliers", "near_duplicates", "neighbors", "<svg"):
         assert text in page, text
@@ -142,6 +159,49 @@ def _wrong_predictions(demo_run: DemoRun) -> int:
     evaluation = EvalReport.read(layout.join(published_dir(os.path.join(demo_run.workdir, "predictions")),
                                              prediction.EVAL_FILE))
     return evaluation.count - sum(evaluation.confusion_matrix[i][i] for i in range(len(evaluation.labels)))
+
+
+def _stream_line(demo_run: DemoRun) -> re.Match:
+    match = STREAM_LINE.match(demo_run.stages["stream-predict"])
+    assert match, demo_run.stages["stream-predict"]
+    return match
+
+
+@needs_streaming
+def test_streaming_predicts_every_image_once_and_scores_the_late_labels_in_windows(demo_run: DemoRun) -> None:
+    images, predictions, letters, wake_ups, p50, p95, accuracy, windows, labeled = _stream_line(demo_run).groups()
+    assert int(images) == int(predictions) == int(labeled) == STREAM_MESSAGES
+    assert int(letters) == 0 and int(wake_ups) >= 1
+    assert 0 < float(p50) <= float(p95) < demo.STREAM_COLLECT_TIMEOUT_S
+    assert int(windows) >= 1
+    # The same model on the same test images as batch-predict: the windows' accuracy is batch-predict's
+    # on the streamed selection (the split repeated), give or take an image decoded on another path.
+    rows = demo.stream_selection(_prediction_rows(demo_run), STREAM_MESSAGES)
+    batch = sum(row[prediction.LABEL] == row[prediction.TRUE_LABEL] for row in rows) / len(rows)
+    assert float(accuracy) == pytest.approx(batch, abs=2 / STREAM_MESSAGES)
+    page = _report(demo_run)
+    section = page[page.index(f'<section id="{report_html.STREAMING_SECTION_ID}">'):]
+    assert section.count("<tr><td>") == 1 + 4 + int(windows)  # Counts, latency percentiles + max, windows.
+    assert f"<td>{STREAM_MESSAGES}</td>" in section and "End-to-end latency" in section
+
+
+def _prediction_rows(demo_run: DemoRun) -> list[dict]:
+    rows = []
+    run_dir = published_dir(os.path.join(demo_run.workdir, "predictions"))
+    for path in sorted(glob.glob(prediction.jsonl_predictions_pattern(run_dir))):
+        with open(path) as handle:
+            rows.extend(json.loads(line) for line in handle if line.strip())
+    return sorted(rows, key=lambda row: row[prediction.URI])
+
+
+def test_streaming_without_the_pubsub_emulator_fails_in_one_line_before_running_anything(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # No gcloud there.
+    workdir = tmp_path / "work"
+    assert demo.main(["--workdir", str(workdir), "--streaming"]) == 3
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--streaming" in error and "gcloud" in error
+    assert not workdir.exists()
 
 
 def test_a_non_empty_workdir_needs_overwrite(demo_run: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
@@ -196,6 +256,11 @@ def test_report_renders_in_headless_chromium(demo_run: DemoRun, tmp_path) -> Non
         assert broken == 0
         headings = [element.text for element in driver.find_elements(By.TAG_NAME, "h2")]
         assert headings[:3] == ["Stages", "Dataset", "Training"] and "Search results" in headings
+        assert ("Streaming" in headings) == demo_run.streaming
+        if demo_run.streaming:
+            windows = driver.find_elements(By.CSS_SELECTOR, "#streaming table.windows tbody tr")
+            assert len(windows) == int(_stream_line(demo_run).group(8))
+            assert driver.find_element(By.CSS_SELECTOR, "#streaming svg.chart").size["width"] > 0
         assert driver.find_element(By.CSS_SELECTOR, "svg.chart").size["width"] > 0
         height = driver.execute_script("return document.body.scrollHeight")
         driver.set_window_size(1300, min(height + 50, 8000))

@@ -1,0 +1,144 @@
+"""Google's Pub/Sub emulator on localhost: find it, start it, wait for it, stop it.
+
+The demo's ``--streaming`` stage, the streaming benchmarks and the test
+fixture all run the emulator from the Cloud SDK (``gcloud info``'s SDK root,
+``platform/pubsub-emulator/bin/cloud-pubsub-emulator``). That launcher execs
+the Java server, and it is started in a session of its own, so stopping its
+process group stops the server and anything it spawned: no orphaned JVM holds
+the port after a failed run. Clients find the emulator through
+``PUBSUB_EMULATOR_HOST`` (google-cloud-pubsub, and so Beam's
+ReadFromPubSub/WriteToPubSub, connect there with no credentials).
+No Beam here: this module only manages a local process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from typing import Iterator
+
+_LOGGER = logging.getLogger(__name__)
+
+EMULATOR_HOST_ENV = "PUBSUB_EMULATOR_HOST"
+LAUNCHER = os.path.join("platform", "pubsub-emulator", "bin", "cloud-pubsub-emulator")
+MISSING = ("the Pub/Sub emulator is not installed: it needs the Google Cloud SDK's gcloud on PATH and its "
+           "pubsub-emulator component (gcloud components install pubsub-emulator)")
+STARTUP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+def cloud_sdk_root() -> str | None:
+    """The Cloud SDK's root directory (``gcloud info``), or None without gcloud on PATH."""
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        return None
+    found = subprocess.run([gcloud, "info", "--format=value(installation.sdk_root)"],
+                           capture_output=True, text=True, timeout=60, check=False)
+    return found.stdout.strip() or None
+
+
+def emulator_launcher() -> str | None:
+    """The emulator's own launcher under the SDK root, or None when the SDK or its component is missing."""
+    root = cloud_sdk_root()
+    launcher = os.path.join(root, LAUNCHER) if root else ""
+    return launcher if os.path.isfile(launcher) else None
+
+
+def free_port() -> int:
+    """A localhost TCP port nobody listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: str, chars: int = 4000) -> str:
+    with open(path, errors="replace") as handle:
+        return handle.read()[-chars:]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log_path: str,
+                     timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Polls ``url`` until a local server answers, failing fast if its process died.
+
+    Raises:
+      RuntimeError: The process exited, or nothing answered within ``timeout_s``; the message ends with
+        the end of its log.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; log:\n{log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # It answered; the status code does not matter for liveness.
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{process.args[0]} did not answer {url} within {timeout_s}s; log:\n{log_tail(log_path)}")
+
+
+def start_emulator(log_path: str) -> tuple[subprocess.Popen, str]:
+    """Starts the emulator on a free port, logging to ``log_path``; returns its process and ``host:port``.
+
+    Raises:
+      RuntimeError: The emulator is not installed (``MISSING``) or did not start.
+    """
+    launcher = emulator_launcher()
+    if launcher is None:
+        raise RuntimeError(MISSING)
+    host = f"127.0.0.1:{free_port()}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([launcher, "--host=127.0.0.1", f"--port={host.rsplit(':', 1)[1]}"],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_ready(f"http://{host}/", process, log_path)
+    except BaseException:
+        stop_emulator(process)
+        raise
+    _LOGGER.info("Pub/Sub emulator (pid %s) on %s, log %s", process.pid, host, log_path)
+    return process, host
+
+
+def stop_emulator(process: subprocess.Popen) -> None:
+    """Stops the emulator's whole process group: SIGTERM, then SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def running_emulator(log_path: str) -> Iterator[str]:
+    """The emulator for the duration of the block (stopped however the block ends); yields ``host:port``."""
+    process, host = start_emulator(log_path)
+    try:
+        yield host
+    finally:
+        stop_emulator(process)
+
+
+@contextlib.contextmanager
+def clients_pointed_at(host: str) -> Iterator[None]:
+    """Sets ``PUBSUB_EMULATOR_HOST`` for the block, then restores what was there."""
+    previous = os.environ.get(EMULATOR_HOST_ENV)
+    os.environ[EMULATOR_HOST_ENV] = host
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(EMULATOR_HOST_ENV, None)
+        else:
+            os.environ[EMULATOR_HOST_ENV] = previous
