@@ -7,7 +7,8 @@ the input. The others are the storage's: a dropped connection, a timeout, an
 HTTP 5xx or 429, a flaky disk. Those are retried a bounded number of times
 with exponential backoff, and when storage keeps failing the read raises
 ``StorageUnavailable``, which callers let escape: a job whose storage is down
-must fail loudly rather than "succeed" with fewer images.
+must fail loudly rather than "succeed" with fewer images. Each retry counts in
+the ``storage_retries`` counter, so a job's metrics show how flaky its storage was.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from typing import BinaryIO, Callable, TypeVar
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from google.api_core import exceptions as google_exceptions
 
-from transforms.dead_letters import RejectedInput
+from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput
 
 MISSING_FILE = "missing_file"
 UNREADABLE_FILE = "unreadable_file"
+STORAGE_RETRIES = "storage_retries"  # Counter in METRICS_NAMESPACE: transient failures that were retried.
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 # Client errors that name the request, not the service: retrying gives the same answer.
@@ -41,6 +44,8 @@ _TRANSIENT_API_ERRORS = (
 )
 
 T = TypeVar("T")
+
+_RETRIES = Metrics.counter(METRICS_NAMESPACE, STORAGE_RETRIES)
 
 
 class StorageUnavailable(Exception):
@@ -117,6 +122,7 @@ def with_retries(operation: Callable[[], T], description: str, policy: RetryPoli
                 raise StorageUnavailable(
                     f"{description} failed {attempt} times, last with {type(error).__name__}: {error}"
                 ) from error
+            _RETRIES.inc()
             time.sleep(policy.delay_s(attempt))
     raise AssertionError("unreachable: the loop returns or raises")
 
