@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import json
 import os
 import signal
@@ -34,7 +35,9 @@ import numpy as np
 
 from benchmarks.machine import cpu_description
 from benchmarks.report import RELIABILITY_DOC, write_section
-from benchmarks.stream_predict import PROJECT, digit_images, run_rate, start_emulator
+from benchmarks.stream_predict import PROJECT, digit_images, run_rate
+from transforms.pubsub_emulator import start_emulator, stop_emulator
+from transforms.stream_probe import image_message, latency_s, publish_all
 
 MALFORMED_BODIES = (
     b"{not json",
@@ -45,12 +48,12 @@ DRAIN_SECONDS = 180.0
 
 
 class Collector(threading.Thread):
-    """Pulls one subscription until stopped, keeping (data, attributes, publish time) of every message."""
+    """Pulls one subscription until stopped, keeping (data, publish time) of every message."""
 
     def __init__(self, subscriber: Any, subscription: str):
         super().__init__(daemon=True)
         self._subscriber, self._subscription = subscriber, subscription
-        self.messages: list[tuple[bytes, dict[str, str], float]] = []
+        self.messages: list[tuple[bytes, datetime.datetime]] = []
         self._stop_requested = threading.Event()
 
     def run(self) -> None:
@@ -64,51 +67,39 @@ class Collector(threading.Thread):
                 continue
             self._subscriber.acknowledge(request={"subscription": self._subscription,
                                                   "ack_ids": [m.ack_id for m in response.received_messages]})
-            for received in response.received_messages:
-                message = received.message
-                self.messages.append((message.data, dict(message.attributes), message.publish_time.timestamp()))
+            self.messages.extend((m.message.data, m.message.publish_time) for m in response.received_messages)
 
     def stop(self) -> None:
         self._stop_requested.set()
 
 
-def publish_load(publisher: Any, topic: str, images: list[bytes], count: int, rate: float,
-                 malformed_every: int) -> tuple[set[str], dict[str, str]]:
-    """Publishes ``count`` messages at ``rate``; returns the good image_ids and malformed message id -> kind."""
-    good: set[str] = set()
-    malformed_futures: list[tuple[Any, int]] = []
-    futures = []
-    start = time.monotonic()
+def load_messages(images: list[bytes], count: int, malformed_every: int) -> tuple[list[bytes], dict[int, str]]:
+    """``count`` message bodies: good images (image_id ``load-I``) and, every ``malformed_every``-th, a bad one.
+
+    Returns the bodies and, for each malformed position, its kind (an index into ``MALFORMED_BODIES``).
+    """
+    bodies: list[bytes] = []
+    malformed: dict[int, str] = {}
     for i in range(count):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
         if malformed_every and i % malformed_every == malformed_every - 1:
             kind = (i // malformed_every) % len(MALFORMED_BODIES)
-            future = publisher.publish(topic, MALFORMED_BODIES[kind])
-            malformed_futures.append((future, kind))
+            bodies.append(MALFORMED_BODIES[kind])
+            malformed[i] = str(kind)
         else:
-            image_id = f"load-{i}"
-            body = json.dumps({"image_id": image_id, "image_base64": base64.b64encode(images[i % len(images)]).decode()})
-            future = publisher.publish(topic, body.encode())
-            good.add(image_id)
-        futures.append(future)
-    for future in futures:
-        future.result(timeout=120)
-    malformed = {future.result(): str(kind) for future, kind in malformed_futures}
-    return good, malformed
+            bodies.append(image_message(f"load-{i}", images[i % len(images)]))
+    return bodies, malformed
 
 
-def summarize(good: set[str], malformed: dict[str, str], outputs: list[tuple[bytes, dict[str, str], float]],
-              letters: list[tuple[bytes, dict[str, str], float]], seconds: float) -> dict[str, Any]:
+def summarize(good: set[str], malformed: dict[str, str], outputs: list[tuple[bytes, datetime.datetime]],
+              letters: list[tuple[bytes, datetime.datetime]], seconds: float) -> dict[str, Any]:
+    """Matches outputs to good inputs by image_id and dead letters to malformed ones by message id."""
     latencies: dict[str, list[float]] = {}
-    for data, _, published in outputs:
+    for data, published in outputs:
         row = json.loads(data)
-        event = np.datetime64(row["event_time"].replace("+00:00", ""), "us").astype(float) / 1e6
-        latencies.setdefault(row["image_id"], []).append(published - event)
+        latencies.setdefault(row["image_id"], []).append(latency_s(row, published))
     lettered: dict[str, int] = {}
     reasons: dict[str, int] = {}
-    for data, _, _ in letters:
+    for data, _ in letters:
         letter = json.loads(data)
         message_id = letter["input_ref"].removeprefix("pubsub:")
         lettered[message_id] = lettered.get(message_id, 0) + 1
@@ -210,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         for collector in collectors:
             collector.start()
         started = time.monotonic()
-        good, malformed = publish_load(publisher, paths["input"], images, args.messages, args.rate,
-                                       args.malformed_every)
+        bodies, malformed_at = load_messages(images, args.messages, args.malformed_every)
+        message_ids = publish_all(publisher, paths["input"], bodies, rate=args.rate)
+        good = {f"load-{i}" for i in range(args.messages) if i not in malformed_at}
+        malformed = {message_ids[i]: kind for i, kind in malformed_at.items()}
         deadline = time.monotonic() + DRAIN_SECONDS
         while time.monotonic() < deadline:
-            ids = {json.loads(data)["image_id"] for data, _, _ in list(collectors[0].messages)}
+            ids = {json.loads(data)["image_id"] for data, _ in list(collectors[0].messages)}
             if good <= ids and len(collectors[1].messages) >= len(malformed):
                 break
             time.sleep(2)
@@ -225,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if job is not None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-        emulator.terminate()
-        emulator.wait(timeout=30)
+        stop_emulator(emulator)
     figures = summarize(good, malformed, collectors[0].messages, collectors[1].messages, seconds)
     result = {"machine": cpu_description(),
               "rate_msg_s": args.rate, "malformed_every": args.malformed_every, "seconds": round(seconds, 1),
