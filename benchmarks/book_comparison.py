@@ -46,18 +46,21 @@ def commands(manifest: str, labels_file: str, work_dir: str) -> dict[str, list[s
 
 
 def report(count: int, results: dict[str, dict[str, float]], command: str) -> str:
-    book = results["book job (jpeg_to_tfrecord.py)"]["wall_s"]
+    book = results["book job (jpeg_to_tfrecord.py)"]
     lines = [
         f"## create_dataset against the book's job: {count:,} synthetic {IMAGE_SIZE}x{IMAGE_SIZE} JPEGs", "",
         f"Command: `{command}`",
         f"Machine: {cpu_description()}; one run, each job a fresh process on the local FnApiRunner.", "",
-        "| job | wall s | CPU s | peak RSS MiB (process tree) | speed-up (wall) |",
-        "|---|---:|---:|---:|---:|",
+        "| job | wall s | CPU s | peak RSS MiB (process tree) | speed-up (wall) | speed-up (CPU s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, measured in results.items():
         lines.append(f"| {name} | {measured['wall_s']:.1f} | {measured['cpu_s']:.1f} | "
-                     f"{measured['peak_rss_mib']:.0f} | {book / measured['wall_s']:.1f}x |")
-    lines += ["", f"Target: >= {TARGET_SPEEDUP:g}x the book's job end to end (wall time, imports included)."]
+                     f"{measured['peak_rss_mib']:.0f} | {book['wall_s'] / measured['wall_s']:.1f}x | "
+                     f"{book['cpu_s'] / measured['cpu_s']:.1f}x |")
+    lines += ["", f"Target: >= {TARGET_SPEEDUP:g}x the book's job end to end (imports included). On a shared machine "
+              "wall time measures how much CPU each process was given; CPU seconds (the job's process tree) are "
+              "the comparable figure there."]
     return "\n".join(lines)
 
 
