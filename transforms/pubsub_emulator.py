@@ -5,7 +5,11 @@ fixture all run the emulator from the Cloud SDK (``gcloud info``'s SDK root,
 ``platform/pubsub-emulator/bin/cloud-pubsub-emulator``). That launcher execs
 the Java server, and it is started in a session of its own, so stopping its
 process group stops the server and anything it spawned: no orphaned JVM holds
-the port after a failed run. Clients find the emulator through
+the port after a failed run. On Linux the server also gets SIGTERM when the
+process that started it dies (``PR_SET_PDEATHSIG``), so even a caller killed
+with SIGKILL (a test's timeout) leaves no emulator behind; start it from the
+thread that lives as long as it should (the signal follows the starting
+thread). Clients find the emulator through
 ``PUBSUB_EMULATOR_HOST`` (google-cloud-pubsub, and so Beam's
 ReadFromPubSub/WriteToPubSub, connect there with no credentials).
 No Beam here: this module only manages a local process.
@@ -14,16 +18,19 @@ No Beam here: this module only manages a local process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Iterator
+from typing import Callable, Iterator
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -33,6 +40,22 @@ MISSING = ("the Pub/Sub emulator is not installed: it needs the Google Cloud SDK
            "pubsub-emulator component (gcloud components install pubsub-emulator)")
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGTERM the child when its parent dies (Linux; None elsewhere).
+
+    libc is loaded here, before the fork: the child only makes one call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_death_signal
 
 
 def cloud_sdk_root() -> str | None:
@@ -98,7 +121,8 @@ def start_emulator(log_path: str) -> tuple[subprocess.Popen, str]:
     host = f"127.0.0.1:{free_port()}"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([launcher, "--host=127.0.0.1", f"--port={host.rsplit(':', 1)[1]}"],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_dies_with_parent())
     try:
         wait_until_ready(f"http://{host}/", process, log_path)
     except BaseException:
