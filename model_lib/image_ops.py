@@ -71,10 +71,37 @@ def resize_image(image: tf.Tensor, image_size: int, method: ResizeMethod) -> tf.
 def decode_and_resize(
     image_bytes: tf.Tensor, image_size: int, channels: int, method: ResizeMethod = "stretch"
 ) -> tf.Tensor:
-    """Decodes one encoded image (JPEG, PNG, GIF, BMP) to float32 [S, S, channels]."""
-    image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
+    """Decodes one encoded image (JPEG, PNG, GIF, BMP, WebP) to float32 [S, S, channels]."""
+    image = _decode(image_bytes, channels)
     image = resize_image(image, image_size, method)
     return tf.ensure_shape(image, [image_size, image_size, channels])
+
+
+def _decode(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
+    """Decodes one image to uint8 [H, W, channels], the first frame of an animation.
+
+    TensorFlow has no 1-channel decoder for GIF, BMP or WebP, and libjpeg
+    cannot turn a CMYK JPEG into gray, so for a 1-channel model those are
+    decoded as RGB and converted with the ITU-R 601 weights Pillow's
+    ``convert("L")`` uses in create_dataset. Every other image takes the direct
+    1-channel decode, so stored dataset images keep decoding bit-exactly.
+    """
+    if channels != 1:
+        return tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
+    code = _format(image_bytes)
+
+    def is_cmyk_jpeg() -> tf.Tensor:
+        return tf.equal(tf.io.extract_jpeg_shape(image_bytes)[2], 4)
+
+    needs_rgb = tf.logical_or(
+        tf.reduce_any(tf.equal(code, [_GIF, _BMP, _WEBP])),
+        tf.cond(tf.equal(code, _JPEG), is_cmyk_jpeg, lambda: tf.constant(False)),
+    )
+    return tf.cond(
+        needs_rgb,
+        lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(image_bytes, channels=3, expand_animations=False)),
+        lambda: tf.io.decode_image(image_bytes, channels=1, expand_animations=False),
+    )
 
 
 def decode_and_resize_batch(
