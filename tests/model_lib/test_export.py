@@ -255,8 +255,8 @@ def test_serving_limit_covers_gif_bmp_and_webp(uri_model):
     serve = _signatures(uri_model[0])[model_artifacts.SERVING_SIGNATURE]
     small = Image.new("RGB", (100, 100), (9, 90, 200))  # 10,000 pixels
     large = Image.new("RGB", (400, 400), (9, 90, 200))  # 160,000 pixels > _SMALL_MAX_PIXELS
-    # This 1-channel model cannot decode GIF, BMP or WebP at all (TF decodes them to 3 or 4 channels
-    # only), so the refusals below come from the limit, which names itself, not from decoding.
+    # The 1-channel model decodes GIF, BMP and WebP as RGB and converts them to gray (image_ops._decode):
+    # the refusals below come from the pixel limit, which names itself.
     served = [_encode(small, fmt) for fmt in ("PNG", "JPEG")]
     assert serve(**{model_artifacts.IMAGE_BYTES_INPUT: tf.constant(served)})[
         model_artifacts.OUTPUT_LABEL].shape == (2,)
