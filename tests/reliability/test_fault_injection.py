@@ -14,9 +14,9 @@ tests assert on:
   multi_processing`` with 2 workers; one SDK worker process gets SIGKILL
   while it runs bundles. Beam's local runner then waits forever for the dead
   worker (it logs ``Worker subprocess exited with return code 137`` in a
-  thread and never fails the job), so the job runs under ``timeout`` and
-  fails loudly with exit status 124. Nothing is published (the output rule,
-  ``schemas.publication``), and a rerun with ``--overwrite`` equals a
+  thread and never fails the job), so the job runs under ``timeout``; once it
+  has hung 10 s after the kill, the test has ``timeout`` stop it (a non-zero
+  exit status). Nothing is published (the output rule, ``schemas.publication``), and a rerun with ``--overwrite`` equals a
   fault-free run. ``tests/beam_jobs/test_output_rule.py`` covers a killed
   *driver*; this is a killed *worker*.
 - ``killed_training``: a training process gets SIGKILL in the middle of its
@@ -30,14 +30,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from beam_jobs import create_dataset
 from model_lib import dataset_io, sample_data, training
@@ -52,7 +55,8 @@ DIGITS = 60
 FLAKY_EVERY = 10  # Every 10th image's first open fails.
 _FLAGS = ("--image_size", "16", "--channels", "1", "--image_format", "png", "--skip_analysis")
 _WORKER_MODULE = "apache_beam.runners.worker.sdk_worker_main"
-KILLED_JOB_TIMEOUT_S = 30
+JOB_TIMEOUT_S = 300
+KILLED_WORKER_GRACE_S = 10
 # Tiny CNN, 320 training images in 3 batches per epoch: "mid-epoch" is after the first batch of epoch 2.
 TRAINING_HPARAMS = {"filters": [8, 16], "embedding_dim": 16, "batch_size": 128, "epochs": 3,
                     "early_stopping_patience": 0}
@@ -104,8 +108,6 @@ def _create(manifest: str, output_dir: str, *extra: str):
 
 def _records(output_dir: str) -> list[tuple]:
     """(image_id, split, label, sha256) of every record of the published dataset, duplicates kept."""
-    import tensorflow as tf
-
     files = [path for split in ("train", "valid", "test") for path in dataset_io.split_files(output_dir, split)]
     return sorted(
         (r["image_id"], r["split"], r["label"], r["sha256"])
@@ -173,37 +175,46 @@ def _sdk_workers(group: int) -> list[int]:
     return pids
 
 
-def _run_and_kill_a_worker(manifest: str, output_dir: str) -> tuple[int, float]:
+def _run_and_kill_a_worker(manifest: str, output_dir: str) -> tuple[int, float, bool, bool]:
     """Runs create_dataset on 2 worker processes under ``timeout``, SIGKILLs one worker once it runs.
 
+    A job still running ``KILLED_WORKER_GRACE_S`` after the kill has hung (Beam
+    waits for the dead worker forever); ``timeout`` is then told to stop it
+    now rather than at ``JOB_TIMEOUT_S``, which only bounds a job that never started.
+
     Returns:
-      The job's exit status and seconds it ran.
+      The job's exit status, seconds it ran, whether a worker was killed, whether the job then hung.
     """
     started = time.monotonic()
     job = subprocess.Popen(
-        ["timeout", "--kill-after=5", str(KILLED_JOB_TIMEOUT_S), sys.executable, "-m", "beam_jobs.create_dataset",
+        ["timeout", "--kill-after=5", str(JOB_TIMEOUT_S), sys.executable, "-m", "beam_jobs.create_dataset",
          "--manifest", manifest, "--output_dir", output_dir, *_FLAGS,
          "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    seen = killed = None
     try:
-        seen = None
-        while job.poll() is None:
+        while job.poll() is None and killed is None:
             ours = _sdk_workers(job.pid)  # Its own session: other jobs' workers are not ours to kill.
-            if ours and seen is None:
-                seen = time.monotonic()
+            seen = seen or (time.monotonic() if ours else None)
             if ours and time.monotonic() - seen > 1.0:  # Connected and running bundles by now.
                 os.kill(ours[0], signal.SIGKILL)
-                break
+                killed = time.monotonic()
             time.sleep(0.05)
-        job.wait(timeout=KILLED_JOB_TIMEOUT_S + 30)
+        try:
+            job.wait(timeout=KILLED_WORKER_GRACE_S)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            job.terminate()  # ``timeout`` passes SIGTERM on to the job and exits non-zero.
+            job.wait(timeout=30)
     finally:
         try:
-            os.killpg(job.pid, signal.SIGKILL)  # Workers left behind by the timeout.
+            os.killpg(job.pid, signal.SIGKILL)  # Workers the job left behind.
         except ProcessLookupError:
             pass
         job.wait()
-    return job.returncode, time.monotonic() - started
+    return job.returncode, time.monotonic() - started, killed is not None, hung
 
 
 def killed_worker(source: sample_data.SampleData, workdir: str) -> tuple[FaultFigures, list[tuple], bool]:
@@ -214,23 +225,23 @@ def killed_worker(source: sample_data.SampleData, workdir: str) -> tuple[FaultFi
       whether the killed run left the output unpublished or published the right dataset.
     """
     output_dir = os.path.join(workdir, "killed")
-    status, seconds = _run_and_kill_a_worker(source.manifest, output_dir)
+    status, seconds, killed, hung = _run_and_kill_a_worker(source.manifest, output_dir)
     _create(source.manifest, os.path.join(workdir, "clean"))
     clean = _records(os.path.join(workdir, "clean"))
     unpublished = read_pointer(output_dir) is None
-    sound = (status == 0 and _records(output_dir) == clean) or (status != 0 and unpublished)
+    sound = killed and ((status == 0 and _records(output_dir) == clean) or (status != 0 and unpublished))
     _create(source.manifest, output_dir, "--overwrite")
     difference = sorted(set(_records(output_dir)) ^ set(clean))
-    detail = (f"killed run: exit status {status} after {seconds:.0f} s, "
+    ending = f"hung for {KILLED_WORKER_GRACE_S} s after the kill, stopped by timeout" if hung else "ended"
+    detail = (f"{'a worker was SIGKILLed' if killed else 'no worker was killed'}; the job {ending}: "
+              f"exit status {status} after {seconds:.0f} s, "
               f"{'nothing published' if unpublished else 'published'}; rerun with --overwrite: "
               f"{len(difference)} records differ from a fault-free run")
-    return _figures("SDK worker SIGKILLed under multi_processing (2 workers)", DIGITS, output_dir, detail), \
-        difference, sound
+    figures = _figures("SDK worker SIGKILLed under multi_processing (2 workers)", DIGITS, output_dir, detail)
+    return figures, difference, sound
 
 
 def _weights(model_dir: str) -> list[np.ndarray]:
-    import keras
-
     return keras.models.load_model(os.path.join(published_dir(model_dir), model_artifacts.KERAS_MODEL_FILE),
                                    compile=False).get_weights()
 
@@ -241,8 +252,6 @@ def killed_training(dataset_dir: str, workdir: str) -> tuple[FaultFigures, bool]
     Returns:
       The figures (items are epochs) and whether the resumed model's weights equal the uninterrupted one's.
     """
-    import json
-
     uninterrupted = training.train_and_export(dataset_dir, os.path.join(workdir, "uninterrupted"), TRAINING_HPARAMS)
     resumed_dir, marker = os.path.join(workdir, "killed"), os.path.join(workdir, "mid-epoch")
     child = subprocess.Popen(
