@@ -6,4 +6,5 @@ pytest_plugins: list[str] = [
     "tests.fixtures.warehouses",
     "tests.fixtures.datasets",
     "tests.fixtures.models",
+    "tests.fixtures.portable_runners",
 ]
