@@ -1,14 +1,21 @@
-"""Every batch job gives the default runner's outputs over the portability protocol and on several processes.
+"""Every batch job gives the default runner's outputs over the portability protocol.
 
 Flink and Spark run Python through the Beam portability protocol: a job
 service receives the pipeline and SDK workers from an external pool run its
 bundles. ``portable_runner_flags`` starts exactly that (a separate job
-service and a worker pool, see ``tests.fixtures.portable_runners``); the
-multi-process local runner (``--direct_num_workers 2
---direct_running_mode multi_processing``) runs bundles in two worker
-processes. Either exposes what the in-process FnApiRunner hides: DoFns that
-do not pickle, state in module globals, side effects on the launching
-process, paths relative to the client's working directory.
+service and a worker pool, see ``tests.fixtures.portable_runners``). It
+exposes what the in-process FnApiRunner hides: DoFns that do not pickle,
+state in module globals, side effects on the launching process, paths
+relative to the client's working directory.
+
+The multi-process local runner (``--direct_num_workers 2
+--direct_running_mode multi_processing``) is checked against the in-process
+runner in each job's own tests, so it is not run again here:
+test_create_dataset.py::test_multi_processing_runner_gives_the_same_records,
+test_batch_predict.py::test_runs_on_two_worker_processes,
+test_extract_embeddings.py (the accounting test runs on two processes),
+test_build_index.py::test_shards_built_by_separate_worker_processes_equal_an_in_process_build,
+test_train.py (two trials on two worker processes).
 
 The default runner runs the whole chain once in this process (create_dataset
 -> train -> batch_predict, extract_embeddings -> build_index); under each
@@ -120,17 +127,16 @@ def default_run(sample: sample_data.SampleData, tmp_path_factory: pytest.TempPat
     return outputs
 
 
-@pytest.fixture(scope="module", params=["portable", "multi_processing"])
-def other_run(request: pytest.FixtureRequest, sample: sample_data.SampleData, default_run: dict[str, str],
+@pytest.fixture(scope="module")
+def other_run(sample: sample_data.SampleData, default_run: dict[str, str], portable_runner_flags: list[str],
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Each job's output directory under another runner, every job reading the default run's upstream output."""
-    flags = (request.getfixturevalue("portable_runner_flags") if request.param == "portable"
-             else MULTI_PROCESS_FLAGS)
-    base = tmp_path_factory.mktemp(f"{request.param}_run")
+    """Each job's output directory on the portable runner, every job reading the default run's upstream output."""
+    base = tmp_path_factory.mktemp("portable_run")
     outputs = {}
     for job in JOBS:
         outputs[job] = str(base / job)
-        run_job_in_subprocess(job, job_argv(job, sample, default_run, outputs[job]) + flags, str(base))
+        run_job_in_subprocess(job, job_argv(job, sample, default_run, outputs[job]) + portable_runner_flags,
+                              str(base))
     return outputs
 
 
