@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.machine import cpu_description
 from transforms.pubsub_emulator import start_emulator, stop_emulator
 from transforms.stream_probe import image_message, publish_all, pull_predictions
 
@@ -76,6 +76,31 @@ def run_rate(publisher: Any, subscriber: Any, paths: dict[str, str], images: lis
     }
 
 
+def start_warm_job(publisher: Any, subscriber: Any, model_dir: str, work_dir: str, prefix: str,
+                   subscribed: tuple[str, ...]) -> tuple[dict[str, str], subprocess.Popen]:
+    """Creates the input/output/dead topics (subscriptions for ``subscribed``), starts stream_predict, warms it up.
+
+    Returns the topic and subscription paths (``NAME`` and ``NAME_sub``) and the job's process (its own
+    session: kill its group to stop it). Raises when the job does not answer the warm-up messages.
+    """
+    paths = {name: f"projects/{PROJECT}/topics/{prefix}-{name}" for name in ("input", "output", "dead")}
+    for topic in paths.values():
+        publisher.create_topic(name=topic)
+    for name in subscribed:
+        paths[f"{name}_sub"] = f"projects/{PROJECT}/subscriptions/{prefix}-{name}"
+        subscriber.create_subscription(name=paths[f"{name}_sub"], topic=paths[name], ack_deadline_seconds=60)
+    command = [sys.executable, "-m", "beam_jobs.stream_predict", "--model_dir", model_dir,
+               "--input_subscription", paths["input_sub"], "--output_topic", paths["output"],
+               "--dead_letter_topic", paths["dead"], "--message_format", "json_base64"]
+    job_log = open(os.path.join(work_dir, f"{prefix}-stream-predict.log"), "wb")
+    job = subprocess.Popen(command, stdout=job_log, stderr=subprocess.STDOUT, start_new_session=True)
+    warmup = run_rate(publisher, subscriber, paths, digit_images(WARMUP_MESSAGES), WARMUP_MESSAGES, 1.0, "warmup")
+    if warmup["lost"]:
+        os.killpg(job.pid, signal.SIGKILL)
+        raise RuntimeError(f"the job did not answer the warm-up messages: {warmup}")
+    return paths, job
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True)
@@ -91,21 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         from google.cloud import pubsub_v1
 
         publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-        paths = {name: f"projects/{PROJECT}/topics/bench-{name}" for name in ("input", "output", "dead")}
-        for topic in paths.values():
-            publisher.create_topic(name=topic)
-        for name in ("input", "output"):
-            paths[f"{name}_sub"] = f"projects/{PROJECT}/subscriptions/bench-{name}"
-            subscriber.create_subscription(name=paths[f"{name}_sub"], topic=paths[name], ack_deadline_seconds=60)
-        command = [sys.executable, "-m", "beam_jobs.stream_predict", "--model_dir", args.model_dir,
-                   "--input_subscription", paths["input_sub"], "--output_topic", paths["output"],
-                   "--dead_letter_topic", paths["dead"], "--message_format", "json_base64"]
-        job_log = open(os.path.join(args.work_dir, "bench-stream-predict.log"), "wb")
-        job = subprocess.Popen(command, stdout=job_log, stderr=subprocess.STDOUT, start_new_session=True)
+        paths, job = start_warm_job(publisher, subscriber, args.model_dir, args.work_dir, "bench", ("input", "output"))
         images = digit_images(100)
-        warmup = run_rate(publisher, subscriber, paths, images, WARMUP_MESSAGES, 1.0, "warmup")
-        if warmup["lost"]:
-            raise RuntimeError(f"the job did not answer the warm-up messages: {warmup}")
         results = [run_rate(publisher, subscriber, paths, images, float(rate), args.seconds_per_rate, f"r{rate}")
                    for rate in args.rates.split(",")]
     finally:
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
         stop_emulator(emulator)
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    print(json.dumps({"machine": cpu_description(),
                       "model_dir": args.model_dir, "results": results}, indent=2))
     print("\n| rate (msg/s) | published | lost | duplicates | throughput (msg/s) | p50 (s) | p95 (s) | p99 (s) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ import numpy as np
 
 from benchmarks.machine import cpu_description
 from benchmarks.report import RELIABILITY_DOC, write_section
-from benchmarks.stream_predict import PROJECT, digit_images, run_rate
+from benchmarks.stream_predict import digit_images, start_warm_job
 from transforms.pubsub_emulator import start_emulator, stop_emulator
 from transforms.stream_probe import image_message, latency_s, publish_all
 
@@ -182,21 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         from google.cloud import pubsub_v1
 
         publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-        paths = {name: f"projects/{PROJECT}/topics/load-{name}" for name in ("input", "output", "dead")}
-        for topic in paths.values():
-            publisher.create_topic(name=topic)
-        for name in ("input", "output", "dead"):
-            paths[f"{name}_sub"] = f"projects/{PROJECT}/subscriptions/load-{name}"
-            subscriber.create_subscription(name=paths[f"{name}_sub"], topic=paths[name], ack_deadline_seconds=60)
-        command = [sys.executable, "-m", "beam_jobs.stream_predict", "--model_dir", args.model_dir,
-                   "--input_subscription", paths["input_sub"], "--output_topic", paths["output"],
-                   "--dead_letter_topic", paths["dead"], "--message_format", "json_base64"]
-        job_log = open(os.path.join(args.work_dir, "load-stream-predict.log"), "wb")
-        job = subprocess.Popen(command, stdout=job_log, stderr=subprocess.STDOUT, start_new_session=True)
+        paths, job = start_warm_job(publisher, subscriber, args.model_dir, args.work_dir, "load",
+                                    ("input", "output", "dead"))
         images = digit_images(100)
-        warmup = run_rate(publisher, subscriber, paths, images, 20.0, 1.0, "warmup")
-        if warmup["lost"]:
-            raise RuntimeError(f"the job did not answer the warm-up messages: {warmup}")
         collectors = [Collector(subscriber, paths["output_sub"]), Collector(subscriber, paths["dead_sub"])]
         for collector in collectors:
             collector.start()
