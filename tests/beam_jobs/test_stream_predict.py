@@ -35,7 +35,7 @@ from schemas import model_artifacts, prediction, stream_prediction
 from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import POINTER_FILE, write_file_atomically
-from transforms import images, model_refresh, pubsub_io, streaming_eval
+from transforms import images, model_refresh, pubsub_io, stream_probe, streaming_eval
 from transforms.model_handler import INFERENCE_FAILED
 from transforms.stream_monitoring import MonitoringReport
 
@@ -398,8 +398,11 @@ def test_late_labels_join_into_windowed_accuracy_and_shifted_predictions_raise_d
             publish(pubsub_emulator, paths["input"], [
                 (json_message(image_id=image_id, image_base64=b64(data)), {})
                 for image_id, (_, data) in zip(truth, chosen)])
-            # Two Pub/Sub sources starve each other on the local runner (30 s blocking pulls): allow for it.
-            rows = rows_of(collect(pubsub_emulator, paths["output_sub"], len(truth)))
+            # Two Pub/Sub sources starve each other on the local runner (a pull on an idle source blocks
+            # for 30 s): a label for an image never sent wakes the labels source once a second.
+            wake_label = json_message(image_id="wake-up-never-predicted", label="0")
+            with stream_probe.waking(pubsub_emulator.publisher(), {labels_topic: wake_label}):
+                rows = rows_of(collect(pubsub_emulator, paths["output_sub"], len(truth)))
             publish(pubsub_emulator, labels_topic, [(json_message(image_id=k, label=v), {}) for k, v in truth.items()])
             evaluations = collect_evaluations(pubsub_emulator, [paths["input"], labels_topic], metrics_sub, len(truth))
             alerts = letters_of(collect(pubsub_emulator, paths["dead_sub"], 100, timeout_s=5))
