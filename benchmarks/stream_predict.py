@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.machine import cpu_description
-from transforms.pubsub_emulator import start_emulator, stop_emulator
+from transforms.local_services import stop_process_group
+from transforms.pubsub_emulator import start_emulator
 from transforms.stream_probe import image_message, publish_all, pull_predictions
 
 PROJECT = "bench-project"
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if job is not None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-        stop_emulator(emulator)
+        stop_process_group(emulator)
     print(json.dumps({"machine": cpu_description(),
                       "model_dir": args.model_dir, "results": results}, indent=2))
     print("\n| rate (msg/s) | published | lost | duplicates | throughput (msg/s) | p50 (s) | p95 (s) | p99 (s) |")

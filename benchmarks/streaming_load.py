@@ -35,7 +35,8 @@ import numpy as np
 from benchmarks.machine import cpu_description
 from benchmarks.report import RELIABILITY_DOC, write_section
 from benchmarks.stream_predict import digit_images, start_warm_job
-from transforms.pubsub_emulator import start_emulator, stop_emulator
+from transforms.local_services import stop_process_group
+from transforms.pubsub_emulator import start_emulator
 from transforms.stream_probe import image_message, latency_s, publish_all
 
 MALFORMED_BODIES = (
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if job is not None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-        stop_emulator(emulator)
+        stop_process_group(emulator)
     figures = summarize(good, malformed, collectors[0].messages, collectors[1].messages, seconds)
     result = {"machine": cpu_description(),
               "rate_msg_s": args.rate, "malformed_every": args.malformed_every, "seconds": round(seconds, 1),

@@ -12,7 +12,7 @@ thread that lives as long as it should (the signal follows the starting
 thread). Clients find the emulator through
 ``PUBSUB_EMULATOR_HOST`` (google-cloud-pubsub, and so Beam's
 ReadFromPubSub/WriteToPubSub, connect there with no credentials).
-No Beam here: this module only manages a local process.
+Ports, readiness and stopping are ``transforms.local_services``'.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from typing import Callable, Iterator
+
+from transforms.local_services import free_port, stop_process_group, wait_until_ready
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,8 +36,6 @@ EMULATOR_HOST_ENV = "PUBSUB_EMULATOR_HOST"
 LAUNCHER = os.path.join("platform", "pubsub-emulator", "bin", "cloud-pubsub-emulator")
 MISSING = ("the Pub/Sub emulator is not installed: it needs the Google Cloud SDK's gcloud on PATH and its "
            "pubsub-emulator component (gcloud components install pubsub-emulator)")
-STARTUP_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -75,40 +71,6 @@ def emulator_launcher() -> str | None:
     return launcher if os.path.isfile(launcher) else None
 
 
-def free_port() -> int:
-    """A localhost TCP port nobody listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def log_tail(path: str, chars: int = 4000) -> str:
-    with open(path, errors="replace") as handle:
-        return handle.read()[-chars:]
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, log_path: str,
-                     timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-    """Polls ``url`` until a local server answers, failing fast if its process died.
-
-    Raises:
-      RuntimeError: The process exited, or nothing answered within ``timeout_s``; the message ends with
-        the end of its log.
-    """
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; log:\n{log_tail(log_path)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # It answered; the status code does not matter for liveness.
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{process.args[0]} did not answer {url} within {timeout_s}s; log:\n{log_tail(log_path)}")
-
-
 def start_emulator(log_path: str) -> tuple[subprocess.Popen, str]:
     """Starts the emulator on a free port, logging to ``log_path``; returns its process and ``host:port``.
 
@@ -126,22 +88,10 @@ def start_emulator(log_path: str) -> tuple[subprocess.Popen, str]:
     try:
         wait_until_ready(f"http://{host}/", process, log_path)
     except BaseException:
-        stop_emulator(process)
+        stop_process_group(process)
         raise
     _LOGGER.info("Pub/Sub emulator (pid %s) on %s, log %s", process.pid, host, log_path)
     return process, host
-
-
-def stop_emulator(process: subprocess.Popen) -> None:
-    """Stops the emulator's whole process group: SIGTERM, then SIGKILL if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @contextlib.contextmanager
@@ -151,7 +101,7 @@ def running_emulator(log_path: str) -> Iterator[str]:
     try:
         yield host
     finally:
-        stop_emulator(process)
+        stop_process_group(process)
 
 
 @contextlib.contextmanager
