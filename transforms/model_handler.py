@@ -14,6 +14,14 @@ output (label, label_index, probabilities, embedding), so prediction and
 embedding jobs share the handler. ``PredictImages`` wraps ``RunInference`` with
 dead letters: a batch that fails is retried element by element so one bad
 image cannot sink its batch-mates.
+
+Batching loses element timestamps: Beam 2.77's ``BatchElements`` emits a
+global-window batch at the end of the global window, and its stateful
+(``max_batch_duration_secs``) path at whatever flushed the buffer. So an input
+that carries its event time (``ImageInput.event_time``, a Pub/Sub message's)
+gets it back as its prediction's timestamp after inference, on every path
+(batched, retried alone), and event-time windows downstream see each
+prediction at its own time.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils import multi_process_shared, shared
 
 from schemas import model_artifacts
@@ -384,13 +393,26 @@ class PredictElementFn(beam.DoFn):
             )
 
 
+@beam.typehints.with_output_types(KeyedPrediction)
+class RestoreEventTimeFn(beam.DoFn):
+    """Re-emits a prediction at its input's ``event_time`` (see the module docstring); others pass as they are.
+
+    The window is the input's (the batch keeps it); only the timestamp is restored.
+    """
+
+    def process(self, result: KeyedPrediction) -> Iterable[KeyedPrediction | TimestampedValue]:
+        event_time = result[1].example.event_time
+        yield result if event_time is None else TimestampedValue(result, event_time)
+
+
 class PredictImages(beam.PTransform):
     """``RunInference`` with dead letters and per-element retry of failed batches.
 
     Input: ``(key, ImageInput)``. Returns ``(predictions, dead_letters)``:
-    ``(key, PredictionResult)`` with ``ModelOutputs`` inference, and
-    ``DeadLetter``s (stage ``predict``) for images the model could not take
-    even alone. Every input comes out in exactly one of the two.
+    ``(key, PredictionResult)`` with ``ModelOutputs`` inference, each at its
+    input's event time when the input carries one, and ``DeadLetter``s (stage
+    ``predict``) for images the model could not take even alone. Every input
+    comes out in exactly one of the two.
     """
 
     def __init__(self, handler: ImageModelHandler):
@@ -409,7 +431,8 @@ class PredictImages(beam.PTransform):
             .with_exception_handling(main_tag="predictions")
             .with_outputs(PredictElementFn.DEAD_LETTERS)
         )
-        predictions = (predicted, retried.predictions) | "MergePredictions" >> beam.Flatten()
+        predictions = ((predicted, retried.predictions) | "MergePredictions" >> beam.Flatten()
+                       | "RestoreEventTimes" >> beam.ParDo(RestoreEventTimeFn()))
         unexpected = retried.bad | "DescribeRetryFailures" >> ToDeadLetters(STAGE)
         dead_letters = (retried[PredictElementFn.DEAD_LETTERS], unexpected) | "MergeDeadLetters" >> beam.Flatten()
         return predictions, dead_letters
