@@ -3,6 +3,11 @@
 ``vision-pipelines create-dataset ARGS`` is the same as
 ``python -m beam_jobs.create_dataset ARGS``; everything after the sub-command,
 Beam pipeline options included, goes to the job untouched.
+
+Credentials in what a job shows stay out of the terminal: its log records
+and an uncaught traceback are redacted (``console.configure_logging``), and
+so is what it prints itself (``redacted_console``), such as an error line
+that quotes an ``--input`` signed URL.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import importlib
 import sys
 
 from beam_jobs import console, help_texts
+from schemas.redaction import redacted_console
 
 # Sub-command -> module whose ``main(argv)`` runs it.
 COMMANDS: dict[str, str] = {
@@ -60,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(arg in _HELP_FLAGS for arg in rest):
         print_job_help(command)
     console.configure_logging()  # Libraries' INFO off the terminal unless VISION_PIPELINES_VERBOSE=1.
-    module = importlib.import_module(COMMANDS[command])
-    return int(module.main(rest) or 0)
+    with redacted_console():  # Entered before the import: a stream a job module binds at import is redacted too.
+        module = importlib.import_module(COMMANDS[command])
+        return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ setting), so quieting the loggers alone still leaves some noise, and
 and hands back a stream to the real terminal, so everything the libraries
 print is kept for debugging and only what the caller chooses to print is
 shown.
+
+Whatever the libraries and the jobs log is redacted (``schemas.redaction``):
+``configure_logging`` installs it before any job code runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import logging
 import os
 import sys
 from typing import Iterator, TextIO
+
+from schemas.redaction import install_redaction
 
 VERBOSE_ENV = "VISION_PIPELINES_VERBOSE"  # Set to 1 to see every library's INFO log from any job.
 # Libraries whose INFO logs are about their own machinery, not about the job's data.
@@ -39,7 +44,8 @@ def configure_logging(verbose: bool | None = None) -> bool:
     logging is initialised: CPU features, oneDNN, CUDA probing) whatever the
     variable says; only moving descriptor 2 hides those (``quiet_stderr``).
     ``verbose`` (default: ``$VISION_PIPELINES_VERBOSE`` set to anything but
-    0) shows every library's INFO again.
+    0) shows every library's INFO again. Every record is redacted
+    (``install_redaction``), verbose or not, and so is an uncaught traceback.
 
     Returns:
       Whether the logging is verbose.
@@ -47,6 +53,7 @@ def configure_logging(verbose: bool | None = None) -> bool:
     global _quieted_tf_cpp
     if verbose is None:
         verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    install_redaction()
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)

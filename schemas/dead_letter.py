@@ -4,17 +4,19 @@ A rejected input's reference and error message often quote its URI, and a URI
 can carry credentials: a signed URL's ``X-Goog-Signature``/``X-Amz-Signature``,
 an ``access_token`` query parameter, a ``user:password@`` part. Dead letters
 are kept and shared far more widely than the inputs, so ``DeadLetter`` redacts
-those values when it is built, before any sink, log or summary sees it.
+those values when it is built (``schemas.redaction.redact_secrets``), before
+any sink, log or summary sees it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 
 from schemas.fields import Field, RecordSchema
+from schemas.redaction import REDACTED as REDACTED  # Re-exported: readers of dead letters test for it.
+from schemas.redaction import redact_secrets
 
 DEAD_LETTER_RECORD = RecordSchema(
     name="dead_letter",
@@ -25,21 +27,6 @@ DEAD_LETTER_RECORD = RecordSchema(
         Field("message", "string", "Human-readable detail."),
     ),
 )
-
-
-REDACTED = "REDACTED"
-# Query parameters that carry credentials: signed-URL signatures and credentials, tokens, keys.
-_SECRET_PARAMETER = re.compile(
-    r"([?&;](?:x-goog-signature|x-goog-credential|x-amz-signature|x-amz-credential|x-amz-security-token"
-    r"|signature|sig|token|access_token|id_token|key|api_key|apikey|password|credential)=)[^&#,\s'\"]*",
-    re.IGNORECASE,
-)
-_USER_INFO = re.compile(r"(://)[^/?#@\s'\"]+@")
-
-
-def redact_secrets(text: str) -> str:
-    """``text`` with the credentials of every URL in it replaced by ``REDACTED``."""
-    return _USER_INFO.sub(rf"\1{REDACTED}@", _SECRET_PARAMETER.sub(rf"\1{REDACTED}", text))
 
 
 @dataclasses.dataclass(frozen=True)

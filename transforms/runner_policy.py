@@ -11,6 +11,10 @@ argument"), so a typo such as ``--image_sise 32`` would silently train at the
 default size. ``make_pipeline_options`` therefore refuses any flag that is
 neither the job's own nor one of Beam's registered options, before anything
 runs.
+
+It also makes credentials in flag values and URIs stay out of logs and error
+messages (``schemas.redaction``): in this process, and, through
+``--beam_plugins``, in SDK workers of their own (``transforms.worker_redaction``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from schemas.exit_status import UNUSABLE_INPUT_EXIT, USAGE_ERROR_EXIT, UnusableInputError
+from schemas.redaction import install_redaction, redact_secrets
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ _BEAM_PACKAGE = "apache_beam."
 _OWN_FLAG_BONUS = 0.05
 _SUGGESTION_CUTOFF = 0.6
 _HELP_FLAGS = ("-h", "--help")
+# Imported by SDK workers at startup; installs redaction there (see its docstring).
+WORKER_REDACTION_PLUGIN = "transforms.worker_redaction"
 
 
 class FlagError(ValueError):
@@ -87,9 +94,12 @@ def make_pipeline_options(
       streaming: Whether the job is a streaming job.
 
     Returns:
-      Options with a runner always set; DataflowRunner also gets the package's
-      setup.py as ``--setup_file`` when the user gave none, so workers can
-      import this project's DoFns.
+      Options with a runner always set and ``WORKER_REDACTION_PLUGIN`` among
+      ``--beam_plugins``; DataflowRunner also gets the package's setup.py as
+      ``--setup_file`` when the user gave none, so workers can import this
+      project's DoFns. Log records and uncaught tracebacks of this process
+      are redacted from then on (``install_redaction``): a job run as
+      ``python -m beam_jobs.JOB`` gets that without the CLI.
 
     Raises:
       UnknownFlagError: A flag is neither the job's nor Beam's (the message
@@ -98,17 +108,20 @@ def make_pipeline_options(
         positional argument).
       SystemExit: ``--help`` was given (the job's flags are printed first).
     """
+    install_redaction()
     check_flags(beam_args, job_options)
     _register_with_beam(job_options)
     options = PipelineOptions(beam_args)
     _check_dry_run(options)
+    setup = options.view_as(SetupOptions)
+    if WORKER_REDACTION_PLUGIN not in (setup.beam_plugins or []):
+        setup.beam_plugins = [*(setup.beam_plugins or []), WORKER_REDACTION_PLUGIN]
     standard = options.view_as(StandardOptions)
     if streaming:
         standard.streaming = True
     if not standard.runner:
         standard.runner = LOCAL_STREAMING_RUNNER if streaming else LOCAL_BATCH_RUNNER
     if _is_dataflow(options):
-        setup = options.view_as(SetupOptions)
         if setup.setup_file:  # Beam stages a bare "setup.py" from os.path.dirname(""), which fails.
             setup.setup_file = os.path.abspath(setup.setup_file)
         _offline_dry_run(options)
@@ -336,7 +349,8 @@ def report_usage_error(command: str, error: ValueError) -> int:
     Jobs call it for what is wrong with their command line (unknown flags and
     invalid configuration: 2, argparse's usage-error status) or with the inputs
     it names (``UnusableInputError``: 3), so either ends in one line instead of
-    a traceback, before anything runs.
+    a traceback, before anything runs. The message is redacted: it often
+    quotes a flag's URI, which may be a signed URL.
     """
-    sys.stderr.write(f"vision-pipelines {command}: error: {error}\n")
+    sys.stderr.write(f"vision-pipelines {command}: error: {redact_secrets(str(error))}\n")
     return UNUSABLE_INPUT_EXIT if isinstance(error, UnusableInputError) else USAGE_ERROR_EXIT

@@ -16,8 +16,11 @@ Covered elsewhere, not repeated here:
   only service (stream_predict serves nothing; the Pub/Sub emulator helper binds 127.0.0.1).
 
 Added here: a decompression bomb posted to the search service's embedder,
-manifest paths that point outside every directory, and credentials in URIs
-(redacted by ``schemas.dead_letter.DeadLetter``).
+manifest paths that point outside every directory, and credentials in URIs:
+redacted in dead letters (``schemas.dead_letter.DeadLetter``) and in what a
+failing job shows, its error line, traceback and logs, run through the CLI
+or as ``python -m beam_jobs.JOB`` (``schemas.redaction``; the filter itself
+and SDK workers: ``tests/schemas/test_redaction.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import logging
 import os
 import resource
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
@@ -36,7 +41,9 @@ import pytest
 from beam_jobs import create_dataset
 from model_lib import sample_data
 from schemas.dead_letter import REDACTED, DeadLetter
+from schemas.exit_status import UNUSABLE_INPUT_EXIT
 from schemas.publication import published_dir
+from schemas.redaction import redact_secrets
 from transforms import images
 from transforms.dead_letters import read_dead_letters
 from transforms.embedding_rows import InvalidQueryImage, QueryEmbedder
@@ -54,6 +61,7 @@ SECRET_URIS = [
 ESCAPING_URIS = ["../../../../../../../../etc/hostname", "/etc/passwd", "../../escape/../../x.png"]
 ESCAPING_LABEL = "../../../escape"
 GOOD = 12
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _png_declaring(width: int, height: int) -> bytes:
@@ -147,3 +155,59 @@ def test_a_decompression_bomb_sent_to_search_is_refused_before_decoding(trained_
     assert "100000x100000" in str(refused.value)
     assert time.monotonic() - started < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024  # KiB: < 100 MiB.
+
+
+def _signed(path: str) -> str:
+    return f"{path}?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%40p.{SECRET}&X-Goog-Signature={SECRET}"
+
+
+@pytest.fixture(scope="module")
+def failing_command_lines(tmp_path_factory) -> dict[str, tuple[str, subprocess.CompletedProcess]]:
+    """Jobs that fail on a URI holding a signed URL's credentials, each as a user runs it, all at once.
+
+    Returns:
+      name -> (the URI as given, redacted, so a test can check it is still shown; the finished process).
+    """
+    root = tmp_path_factory.mktemp("secret_uris")
+    manifest, index_dir = _signed(str(root / "missing" / "manifest.csv")), _signed(str(root / "no_index"))
+    dataset = ["--manifest", manifest, "--output_dir", str(root / "out"), "--image_size", "16", "--skip_analysis"]
+    runs = {  # A traceback (no file matches) from the CLI and without it; a job's own error line (search).
+        "cli_traceback": (manifest, ["beam_jobs.cli", "create-dataset", *dataset]),
+        "module_traceback": (manifest, ["beam_jobs.create_dataset", *dataset]),
+        "cli_error_line": (index_dir, ["beam_jobs.cli", "search", "--index_dir", index_dir, "--image_id", "x"]),
+    }
+    env = {**os.environ, "VISION_PIPELINES_VERBOSE": "1"}  # Every library's INFO log on stderr too.
+    started = {name: (uri, subprocess.Popen(["timeout", "300", sys.executable, "-m", *args], cwd=_ROOT, env=env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+               for name, (uri, args) in runs.items()}
+    finished = {}
+    for name, (uri, process) in started.items():
+        out, err = process.communicate()
+        finished[name] = (redact_secrets(uri), subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return finished
+
+
+@pytest.mark.parametrize("run", ["cli_traceback", "module_traceback"])
+def test_a_traceback_a_job_lets_out_shows_the_input_without_its_credentials(failing_command_lines, run):
+    uri, completed = failing_command_lines[run]
+    assert completed.returncode == 1, completed.stderr
+    assert SECRET not in completed.stdout + completed.stderr
+    assert "Traceback (most recent call last)" in completed.stderr
+    assert f"FileNotFoundError: no file matches {uri!r}" in completed.stderr  # Path and algorithm still readable.
+
+
+def test_an_error_line_a_job_prints_itself_shows_the_input_without_its_credentials(failing_command_lines):
+    uri, completed = failing_command_lines["cli_error_line"]
+    assert completed.returncode == UNUSABLE_INPUT_EXIT, completed.stderr
+    assert SECRET not in completed.stdout + completed.stderr
+    assert f"vision-pipelines search: error: {uri} holds no published index" in completed.stderr
+
+
+def test_a_usage_error_and_the_logs_of_a_job_run_in_process_show_no_credentials(tmp_path, capfd, caplog):
+    manifest = _signed("https://storage.googleapis.com/bucket/manifests/train.csv")
+    with caplog.at_level(logging.DEBUG):
+        status = create_dataset.main(["--manifest", manifest, "--output_dir", str(tmp_path / "out")])
+    printed = capfd.readouterr()
+    assert status == 2  # Beam has no https filesystem for manifests here: refused before anything runs.
+    assert SECRET not in printed.out + printed.err + caplog.text
+    assert f"Path specified: {redact_secrets(manifest)}" in printed.err
