@@ -3,8 +3,11 @@
 One run, the same vectors and the same held-out queries for every method:
 
 - ``scann-tuned``: the index ``build-index`` builds (``retrieval.local_build.build_index_in_process``:
-  parameters from the data size, search-time settings tuned to recall@10 >= 0.95), then swept over
-  leaves searched and re-scoring depth around the tuned setting;
+  parameters from the data size, a tree's partitioning chosen from a small grid of training samples and
+  ``min_partition_size``, search-time settings tuned to recall@10 >= 0.95), then swept over leaves
+  searched and re-scoring depth around the tuned setting;
+- ``scann-tuned-fixed-partitions``: the same without choosing the partitioning (100 training points per
+  leaf, ``min_partition_size`` 10), to show what the partition grid buys;
 - ``brute-force``: exact numpy (a BLAS matrix product per query batch), which is also the ground truth;
 - ``faiss-ivf-flat``, ``faiss-hnsw``, ``faiss-ivf-pq-fs`` (``IVF{nlist},PQ{d/2}x4fsr`` fast-scan with exact
   re-ranking by ``IndexRefineFlat``), each swept over nprobe / efSearch / nprobe x k_factor;
@@ -23,6 +26,7 @@ Run (bench extra: ``pip install -c constraints.txt -e ".[bench]"``):
   python -m benchmarks.index --dataset digits
   python -m benchmarks.index --dataset synthetic --rows 100000
   python -m benchmarks.index --dataset synthetic --rows 1000000
+  python -m benchmarks.index --dataset synthetic --rows 200000 --methods scann-tuned,scann-tuned-fixed-partitions
 Each run writes its section of docs/benchmarks.md, docs/index_<dataset>_<rows>.png and
 WORK_DIR/index_<dataset>_<rows>.json.
 """
@@ -143,7 +147,8 @@ def run_brute_force(base: np.ndarray, queries: np.ndarray, exact: np.ndarray | N
     return {"build_s": 0.0, "bytes": base.nbytes, "points": points, "exact": truth}
 
 
-def run_scann_tuned(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, work: str) -> dict[str, Any]:
+def run_scann_tuned(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, work: str, *,
+                    sweep_partitions: bool = True) -> dict[str, Any]:
     from retrieval.index_build import IndexRow
     from retrieval.local_build import build_index_in_process
     from retrieval.searcher import ShardedIndex
@@ -152,7 +157,8 @@ def run_scann_tuned(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, wo
     rows = [IndexRow(image_id=f"v{i:08d}", uri="", label=None, split=None, vector=base[i]) for i in range(len(base))]
     started = time.perf_counter()
     run_dir, info = build_index_in_process(os.path.join(work, "scann"), rows, model_version="bench",
-                                           dimension=base.shape[1], k=K, target_recall=TARGET_RECALL)
+                                           dimension=base.shape[1], k=K, target_recall=TARGET_RECALL,
+                                           sweep_partitions=sweep_partitions)
     build_s = time.perf_counter() - started
     del rows
     index = ShardedIndex.load(run_dir)
@@ -162,6 +168,8 @@ def run_scann_tuned(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, wo
     params = info.shards[0].params
     print(f"  built {params} in {build_s:.1f} s; tuned {tuned}: recall@{K} {info.recall_at_k:.4f} on "
           f"{info.query_sample_size} held-out rows", flush=True)
+    for trial in info.shards[0].partition_trials:
+        print(f"  partition trial {trial}", flush=True)
     settings = [tuned]
     if tuned.leaves_to_search:
         settings += [SearchParams(max(1, int(tuned.leaves_to_search * f)), tuned.pre_reorder_num_neighbors)
@@ -193,8 +201,15 @@ def run_scann_tuned(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, wo
 
     scann_bytes = sum(_directory_bytes(index_schema.scann_dir(run_dir, s.name)) for s in info.shards)
     return {"build_s": build_s, "bytes": scann_bytes, "points": points,
-            "notes": f"{params.algorithm}, {params.num_leaves or 0} leaves; build includes tuning "
-                     f"({info.tuning_seconds:.1f} s)"}
+            "notes": f"{params.algorithm}, {params.num_leaves or 0} leaves trained on "
+                     f"{params.training_sample_size or 0:,} points, min_partition_size {params.min_partition_size}; "
+                     f"tuned {tuned.leaves_to_search} leaves, {tuned.pre_reorder_num_neighbors} re-scored; "
+                     f"build includes tuning ({info.tuning_seconds:.1f} s)"}
+
+
+def run_scann_tuned_fixed_partitions(base: np.ndarray, queries: np.ndarray, exact: np.ndarray,
+                                     work: str) -> dict[str, Any]:
+    return run_scann_tuned(base, queries, exact, work, sweep_partitions=False)
 
 
 def _faiss_threads(threads: int) -> None:
@@ -309,11 +324,15 @@ def run_hnswlib(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, work: 
 METHODS: dict[str, Callable[..., dict[str, Any]]] = {
     "brute-force": run_brute_force,
     "scann-tuned": run_scann_tuned,
+    "scann-tuned-fixed-partitions": run_scann_tuned_fixed_partitions,
     "faiss-ivf-flat": run_faiss_ivf_flat,
     "faiss-hnsw": run_faiss_hnsw,
     "faiss-ivf-pq-fs": run_faiss_ivf_pq_fs,
     "hnswlib": run_hnswlib,
 }
+
+
+DEFAULT_METHODS = [method for method in METHODS if method != "scann-tuned-fixed-partitions"]
 
 
 def run_in_child(method: str, base: np.ndarray, queries: np.ndarray, exact: np.ndarray | None,
@@ -409,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=("digits", "synthetic"), required=True)
     parser.add_argument("--rows", type=int, default=100_000, help="synthetic only: base vectors.")
     parser.add_argument("--queries", type=int, default=1_000, help="synthetic only: held-out queries.")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}.")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, of {', '.join(METHODS)} (default: all but scann-tuned-fixed-partitions).")
     parser.add_argument("--work_dir", default=None, help="Where indexes and the JSON go (default: a temp dir).")
     parser.add_argument("--loaded", default="", help="A sentence on the machine's load, for the doc.")
     parser.add_argument("--no_doc", action="store_true", help="Print only; leave docs/benchmarks.md alone.")

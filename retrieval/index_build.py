@@ -15,8 +15,9 @@ Parameters follow ScaNN's own guidance, sized per shard:
   vectors, ScaNN's defaults (2,000 leaves trained on a 100k sample with
   ``min_partition_size=50``) built poor leaves; a training sample of
   ``TRAINING_POINTS_PER_LEAF`` points per leaf and ``min_partition_size=10``
-  fixed most of it, so those are the defaults here, and a tree whose leaves
-  still hold too few of the neighbours is retrained on every point
+  fixed most of it, so those are the defaults here, and a tree shard is
+  built with a small grid of training samples and ``min_partition_size``
+  values around them, keeping the fastest at the recall target
   (``build_searcher``).
 """
 
@@ -38,14 +39,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from schemas import index as index_schema
 from schemas.embedding import IMAGE_ID, LABEL, SPLIT, URI
-from schemas.index import ID_MAP_RECORD, ScannParams, ShardInfo
+from schemas.index import ID_MAP_RECORD, PartitionTrial, ScannParams, ShardInfo
 
 BRUTE_FORCE_MAX_ROWS = 10_000
 AH_MAX_ROWS = 50_000
 TRAINING_POINTS_PER_LEAF = 100
-PARTITION_CHECK_QUERIES = 200
-PARTITION_RECALL_FLOOR = 0.9
 MIN_PARTITION_SIZE = 10
+DEFAULT_TARGET_RECALL = 0.95  # build_index's --target_recall default.
 AH_DIMENSIONS_PER_BLOCK = 2
 AH_THRESHOLD = 0.2
 ZERO_NORM = 1e-12
@@ -148,7 +148,8 @@ def _copy_tree_to(local_dir: str, target_dir: str) -> None:
 
 
 def build_shard(index_dir: str, shard: int, num_shards: int, rows: Iterable[IndexRow], dimension: int, k: int,
-                *, training_threads: int = 0) -> ShardInfo:
+                *, target_recall: float = DEFAULT_TARGET_RECALL, sweep_partitions: bool = True,
+                training_threads: int = 0) -> ShardInfo:
     """Builds and writes one shard: ScaNN searcher, id map and vectors, rows sorted by image_id.
 
     Sorting makes the shard a function of its rows, whatever order they
@@ -161,6 +162,8 @@ def build_shard(index_dir: str, shard: int, num_shards: int, rows: Iterable[Inde
       rows: The shard's rows (unique image_ids, unit vectors of ``dimension``).
       dimension: Vector length (used for an empty shard's vectors file).
       k: Default neighbours of the searcher.
+      target_recall: recall@k a tree's partitioning is chosen for (``build_searcher``).
+      sweep_partitions: Whether to choose a tree's partitioning (``build_searcher``).
       training_threads: ScaNN training threads (0: ScaNN's choice).
 
     Returns:
@@ -187,7 +190,8 @@ def build_shard(index_dir: str, shard: int, num_shards: int, rows: Iterable[Inde
     if not ordered:
         return ShardInfo(name=name, count=0, params=None)
     started = time.monotonic()
-    searcher = build_searcher(vectors, ids, k, training_threads=training_threads)
+    searcher, trials = build_searcher(vectors, ids, k, target_recall=target_recall,
+                                      sweep_partitions=sweep_partitions, training_threads=training_threads)
     params = searcher.params
     seconds = time.monotonic() - started
     target = index_schema.scann_dir(index_dir, name)
@@ -201,53 +205,31 @@ def build_shard(index_dir: str, shard: int, num_shards: int, rows: Iterable[Inde
     else:
         os.makedirs(target, exist_ok=True)
         searcher.save(target)
-    return ShardInfo(name=name, count=len(ordered), params=params, build_seconds=round(seconds, 3))
+    return ShardInfo(name=name, count=len(ordered), params=params, build_seconds=round(seconds, 3),
+                     partition_trials=trials)
 
 
-def partition_recall(searcher: Any, vectors: np.ndarray, ids: Sequence[str], k: int) -> float:
-    """How well a tree's leaves hold each point's neighbours: recall@k at the default leaves, re-scoring deep.
+def build_searcher(vectors: np.ndarray, ids: Sequence[str], k: int, *, target_recall: float = DEFAULT_TARGET_RECALL,
+                   sweep_partitions: bool = True, training_threads: int = 0) -> tuple[Any, list[PartitionTrial]]:
+    """A ScaNN searcher for one shard, and the tree partitionings tried for it (empty unless a tree).
 
-    Re-scoring every candidate of the searched leaves takes AH's error out,
-    so what is left is the partitioning's: neighbours that fell in leaves
-    the query did not search. Queries are the shard's own rows (chosen by
-    hashed id, so the check is the same on every build).
+    Brute force and AH are built as ``choose_params`` says. For a tree, a
+    small grid of training samples and ``min_partition_size`` values is
+    compared first and the AH searcher is built on the one that searches
+    fastest at ``target_recall`` (``retrieval.index_tuning.choose_partitioning``);
+    ``sweep_partitions=False`` keeps ``choose_params``' partitioning (benchmarks
+    measure what the sweep buys with it).
     """
-    from retrieval.index_tuning import exact_neighbors, query_sample_keys, recall_at_k
-
-    keys = query_sample_keys(list(ids), PARTITION_CHECK_QUERIES)
-    queries = vectors[keys]
-    exact_keys, exact_scores = exact_neighbors(vectors, queries, k, exclude=keys)
-    rows, scores = searcher.search(queries, k + 1, pre_reorder_num_neighbors=searcher.count)
-    own = rows == keys[:, None]
-    order = np.argsort(own, axis=1, kind="stable")[:, :k]
-    return recall_at_k(np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1),
-                       exact_keys, exact_scores)
-
-
-def build_searcher(vectors: np.ndarray, ids: Sequence[str], k: int, *, training_threads: int = 0,
-                   partition_recall_floor: float = PARTITION_RECALL_FLOOR) -> Any:
-    """A ScaNN searcher for one shard, with a training sample that gives good leaves.
-
-    Brute force and AH are built as ``choose_params`` says. A tree is first
-    trained on ``TRAINING_POINTS_PER_LEAF`` points per leaf; when its leaves
-    hold less than ``partition_recall_floor`` of the neighbours at the default
-    leaves searched (``partition_recall``), it is retrained on every point
-    and the better of the two is kept (measured on 1M clustered vectors: a
-    sample too small for the leaf count is what builds poor leaves).
-    """
-    from retrieval import scann_compat
+    from retrieval import index_tuning, scann_compat
 
     params = choose_params(len(vectors), vectors.shape[1])
-    searcher = scann_compat.build(vectors, params, k, training_threads=training_threads)
-    if params.algorithm != "tree_ah" or (params.training_sample_size or 0) >= len(vectors):
-        return searcher
-    quality = partition_recall(searcher, vectors, ids, k)
-    if quality >= partition_recall_floor:
-        return searcher
-    retrained_params = dataclasses.replace(params, training_sample_size=len(vectors))
-    retrained = scann_compat.build(vectors, retrained_params, k, training_threads=training_threads)
-    retrained_quality = partition_recall(retrained, vectors, ids, k)
-    return retrained if retrained_quality > quality else searcher
+    trials: list[PartitionTrial] = []
+    if params.algorithm == "tree_ah" and sweep_partitions:
+        params, trials = index_tuning.choose_partitioning(
+            vectors, ids, params, k, target_recall,
+            lambda candidate: scann_compat.build_partition_probe(vectors, candidate, k,
+                                                                 training_threads=training_threads))
+    return scann_compat.build(vectors, params, k, training_threads=training_threads), trials
 
 
 def read_id_map(index_dir: str, name: str) -> list[dict[str, Any]]:

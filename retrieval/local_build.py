@@ -29,8 +29,12 @@ def build_index_in_process(
     model_dir: str | None = None,
     overwrite: bool = False,
     query_sample_size: int | None = None,
+    sweep_partitions: bool = True,
 ) -> tuple[str, IndexInfo]:
     """Builds, tunes and publishes an index of ``rows`` under ``output_dir`` (output rule).
+
+    ``sweep_partitions=False`` skips choosing tree shards' partitioning
+    (``retrieval.index_build.build_searcher``): for benchmarks of what it buys.
 
     Returns:
       The published run directory and its ``IndexInfo``.
@@ -47,7 +51,8 @@ def build_index_in_process(
         by_shard: list[list[index_build.IndexRow]] = [[] for _ in range(num_shards)]
         for row in rows:
             by_shard[index_schema.shard_for_id(row.image_id, num_shards)].append(row)
-        shards = [index_build.build_shard(run.run_dir, shard, num_shards, shard_rows, dimension, k)
+        shards = [index_build.build_shard(run.run_dir, shard, num_shards, shard_rows, dimension, k,
+                                          target_recall=target_recall, sweep_partitions=sweep_partitions)
                   for shard, shard_rows in enumerate(by_shard)]
         info = index_tuning.finalize_index(run.run_dir, shards, model_version=model_version, dimension=dimension,
                                            k=k, target_recall=target_recall, rejected=0, source=source,

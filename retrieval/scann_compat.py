@@ -130,6 +130,26 @@ def build(vectors: np.ndarray, params: ScannParams, k: int, *, training_threads:
     Raises:
       ValueError: No vectors, or a distance ScaNN is not given here.
     """
+    return _build(vectors, params, k, training_threads, exact_scoring=params.algorithm == "brute_force")
+
+
+def build_partition_probe(vectors: np.ndarray, params: ScannParams, k: int, *, training_threads: int = 0) -> Searcher:
+    """A ``tree_ah`` params' tree with exact scoring inside the searched leaves, and no AH.
+
+    What it misses at a number of leaves searched is the partitioning's doing
+    alone, and it builds several times faster than the AH searcher (no AH
+    training or encoding), so partitionings are compared with it
+    (``retrieval.index_tuning.choose_partitioning``).
+
+    Raises:
+      ValueError: ``params`` is not a tree, or no vectors.
+    """
+    if params.algorithm != "tree_ah":
+        raise ValueError(f"a partition probe needs tree_ah params. Received `algorithm={params.algorithm}`")
+    return _build(vectors, params, k, training_threads, exact_scoring=True)
+
+
+def _build(vectors: np.ndarray, params: ScannParams, k: int, training_threads: int, *, exact_scoring: bool) -> Searcher:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise ValueError(f"a ScaNN index needs at least one vector. Received shape {vectors.shape}")
@@ -137,17 +157,17 @@ def build(vectors: np.ndarray, params: ScannParams, k: int, *, training_threads:
         raise ValueError(f"unsupported distance {DISTANCE!r}")
     n = vectors.shape[0]
     builder = _pybind().builder(vectors, max(1, min(k, n)), _DISTANCE_MEASURE[DISTANCE])
-    if params.algorithm == "brute_force":
+    if params.algorithm == "tree_ah":
+        builder = builder.tree(
+            num_leaves=int(params.num_leaves or 1),
+            num_leaves_to_search=int(params.leaves_to_search_default or 1),
+            training_sample_size=int(params.training_sample_size or n),
+            min_partition_size=int(params.min_partition_size or 1),
+            spherical=params.spherical,
+        )
+    if exact_scoring:
         builder = builder.score_brute_force()
     else:
-        if params.algorithm == "tree_ah":
-            builder = builder.tree(
-                num_leaves=int(params.num_leaves or 1),
-                num_leaves_to_search=int(params.leaves_to_search_default or 1),
-                training_sample_size=int(params.training_sample_size or n),
-                min_partition_size=int(params.min_partition_size or 1),
-                spherical=params.spherical,
-            )
         builder = builder.score_ah(
             int(params.dimensions_per_block or 2),
             anisotropic_quantization_threshold=float(params.anisotropic_quantization_threshold or 0.2),

@@ -145,25 +145,99 @@ class SearchParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class PartitionTrial:
+    """One tree partitioning the build tried for a shard (``retrieval.index_tuning.choose_partitioning``).
+
+    Measured on a partition probe (the tree over exact scoring, no AH), so
+    the figures are the partitioning's alone, not the index's.
+
+    Attributes:
+      training_sample_size: Points the tree's k-means trained on.
+      min_partition_size: Smallest leaf k-means kept.
+      build_seconds: Wall time of building the probe.
+      leaves_to_search: The fewest leaves searched (of the bounded sweep)
+        that reached the target, or the most leaves when none did.
+      recall: Shard-local recall@k at those leaves.
+      qps: Single-thread QPS of the probe at those leaves.
+      met_target: Whether the bounded sweep reached the target.
+    """
+
+    training_sample_size: int
+    min_partition_size: int
+    build_seconds: float
+    leaves_to_search: int | None
+    recall: float
+    qps: float
+    met_target: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any], source: str = "partition trial") -> "PartitionTrial":
+        return cls(**artifact_files.field_values(cls, content, source))
+
+
+@dataclasses.dataclass(frozen=True)
 class ShardInfo:
-    """One shard: its directory name, how many vectors it holds, how its searcher was built."""
+    """One shard: its directory name, how many vectors it holds, how its searcher was built.
+
+    ``partition_trials`` lists every tree partitioning tried for a tree
+    shard (empty for brute force, AH, and indexes written before the sweep);
+    the chosen one's values are ``params.training_sample_size`` and
+    ``params.min_partition_size``, and ``build_seconds`` counts every trial.
+    """
 
     name: str
     count: int
     params: ScannParams | None  # None for an empty shard (no searcher).
     build_seconds: float = 0.0
+    partition_trials: list[PartitionTrial] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "count": self.count, "build_seconds": self.build_seconds,
-                "params": None if self.params is None else self.params.to_dict()}
+                "params": None if self.params is None else self.params.to_dict(),
+                "partition_trials": [trial.to_dict() for trial in self.partition_trials]}
 
     @classmethod
     def from_dict(cls, content: dict[str, Any], source: str = "shard") -> "ShardInfo":
         values = artifact_files.field_values(cls, content, source)
         params = values.get("params")
+        trials = values.get("partition_trials") or []
         return cls(name=str(values["name"]), count=int(values["count"]),
                    params=None if params is None else ScannParams.from_dict(params, f"{source} params"),
-                   build_seconds=float(values.get("build_seconds", 0.0)))
+                   build_seconds=float(values.get("build_seconds", 0.0)),
+                   partition_trials=[PartitionTrial.from_dict(t, f"{source} partition_trials[{i}]")
+                                     for i, t in enumerate(trials)])
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepBounds:
+    """How far the tuning sweep may go, so a tuned index never silently becomes brute force.
+
+    Attributes:
+      max_leaves_fraction: Leaves searched are at most this fraction of a
+        tree shard's leaves (rounded up, at least 1).
+      max_reorder_per_k: Candidates re-scored exactly per shard are at most
+        this many times k, or ``max_reorder_fraction`` of the largest
+        quantized shard's rows, whichever is more.
+      max_reorder_fraction: See ``max_reorder_per_k``.
+      max_leaves_to_search: The resulting cap on this index (None: no tree shard).
+      max_pre_reorder_num_neighbors: The resulting cap on this index (None: no AH shard).
+    """
+
+    max_leaves_fraction: float
+    max_reorder_per_k: int
+    max_reorder_fraction: float
+    max_leaves_to_search: int | None = None
+    max_pre_reorder_num_neighbors: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any], source: str = "sweep bounds") -> "SweepBounds":
+        return cls(**artifact_files.field_values(cls, content, source))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +268,8 @@ class IndexInfo:
       package_version: vision-pipelines version that built the index.
       scann_version: ScaNN version that built it.
       created_at: ISO-8601 UTC time.
+      sweep_bounds: The limits the tuning sweep searched within (None in
+        indexes written before the sweep was bounded).
     """
 
     model_version: str
@@ -216,6 +292,7 @@ class IndexInfo:
     package_version: str
     scann_version: str
     created_at: str
+    sweep_bounds: SweepBounds | None = None
 
     def __post_init__(self) -> None:
         if len(self.shards) != self.num_shards:
@@ -227,6 +304,7 @@ class IndexInfo:
         content = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         content["shards"] = [shard.to_dict() for shard in self.shards]
         content["search"] = self.search.to_dict()
+        content["sweep_bounds"] = None if self.sweep_bounds is None else self.sweep_bounds.to_dict()
         return content
 
     def to_json(self) -> str:
@@ -237,6 +315,8 @@ class IndexInfo:
         values = artifact_files.field_values(cls, content, source)
         values["shards"] = [ShardInfo.from_dict(s, f"{source} shards[{i}]") for i, s in enumerate(values["shards"])]
         values["search"] = SearchParams.from_dict(values["search"], f"{source} search")
+        bounds = values.get("sweep_bounds")
+        values["sweep_bounds"] = None if bounds is None else SweepBounds.from_dict(bounds, f"{source} sweep_bounds")
         return cls(**values)
 
     @classmethod
