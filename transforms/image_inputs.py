@@ -7,7 +7,10 @@ Pub/Sub messages (and the workers that only run them) should not pay for it.
 ``keyed_image`` is the one way bytes become a ``KeyedImage``: it fully decodes
 the image first (``transforms.images.check_image``), so a file, a dataset
 record and a Pub/Sub message are validated identically and a bad image is a
-dead letter before it can join, and fail, a batch.
+dead letter before it can join, and fail, a batch. The bytes it keeps are the
+ones the serving signature will decode (``transforms.serving_bytes``): the
+file itself, or, for a TIFF or an EXIF-rotated image, a PNG of the pixels
+create_dataset would have used.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 
 from transforms import images
 from transforms.dead_letters import RejectedInput
+from transforms.serving_bytes import serving_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +31,10 @@ class ImageInput:
         dataset record's id, or the id a Pub/Sub message carries).
       uri: Where the image was read from (a path, or a message reference such
         as ``pubsub:MESSAGE_ID``); names it in dead letters.
-      image_bytes: The encoded file (JPEG, PNG, GIF, BMP, WebP), already
-        validated; emptied in prediction results so bytes do not travel on.
+      image_bytes: The encoded image as the serving signature takes it,
+        already validated: the file itself, or a PNG of its pixels for a
+        TIFF or an EXIF-rotated image (``transforms.serving_bytes``); emptied
+        in prediction results so bytes do not travel on.
       label: The known (true) label, if any.
       split: The dataset split, if read from a dataset.
       source: The directory (or subscription) the image was read from.
@@ -76,7 +82,7 @@ def keyed_image(
     message_id: str | None = None,
     event_time: float | None = None,
 ) -> KeyedImage:
-    """Validates encoded image bytes and keys them by ``image_id``.
+    """Validates encoded image bytes and keys them by ``image_id``, ready for the serving signature.
 
     Raises:
       RejectedInput: ``empty_file``, ``not_an_image``, ``unsupported_format``,
@@ -84,8 +90,8 @@ def keyed_image(
     """
     if not data:
         raise RejectedInput(images.EMPTY_FILE, f"{uri} has zero bytes")
-    images.check_image(data, max_pixels)
+    decoded = images.check_image(data, max_pixels)
     return image_id, ImageInput(
-        image_id=image_id, uri=uri, image_bytes=data, label=label, split=split, source=source,
+        image_id=image_id, uri=uri, image_bytes=serving_bytes(data, decoded), label=label, split=split, source=source,
         message_id=message_id, event_time=event_time,
     )

@@ -172,11 +172,15 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def check_image(data: bytes, max_pixels: int) -> None:
+def check_image(data: bytes, max_pixels: int) -> Image.Image:
     """Fully decodes an encoded image, rejecting what a model could not take.
 
     Inference jobs call it before batching, so one bad file cannot fail the
     batch it would have joined.
+
+    Returns:
+      The decoded image (its first frame), so a caller that needs its pixels
+      (``transforms.serving_bytes``) does not decode it again.
 
     Raises:
       RejectedInput: ``not_an_image``, ``unsupported_format``, ``corrupt_image`` or
@@ -187,6 +191,20 @@ def check_image(data: bytes, max_pixels: int) -> None:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
         raise RejectedInput(CORRUPT_IMAGE, f"image data is truncated or corrupt: {error}") from error
+    return image
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Palette images with transparency as RGBA, 16- and 32-bit integer images scaled to 8-bit gray.
+
+    The mode steps every stored or served image takes before its final
+    conversion to RGB or L, so both see the same pixels.
+    """
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    return image
 
 
 def _fit(image: Image.Image, spec: ImageSpec) -> Image.Image:
@@ -234,11 +252,7 @@ def normalize_image(data: bytes, spec: ImageSpec) -> NormalizedImage:
     original_width, original_height = (
         (header_height, header_width) if transposed else (header_width, header_height)
     )
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        image = image.point(lambda value: value * (1 / 256)).convert("L")
-    image = image.convert("RGB" if spec.channels == 3 else "L")
+    image = to_8bit(image).convert("RGB" if spec.channels == 3 else "L")
     image = _fit(image, spec)
     buffer = io.BytesIO()
     if spec.image_format == "jpeg":

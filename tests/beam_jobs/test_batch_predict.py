@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from PIL import Image
 from sklearn.metrics import precision_recall_fscore_support
 
 from beam_jobs import batch_predict, cli
@@ -23,10 +22,13 @@ from schemas.classification_metrics import EvalReport, ModelMetrics
 from schemas.dataset import DATASET_RECORD
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import published_dir
+from tests.fixtures.image_corpus import undecodable_png
+from transforms import images
 from transforms.dead_letters import read_dead_letters
 from transforms.model_handler import INFERENCE_FAILED
 from transforms.prediction_eval import evaluation_report
 from transforms.runner_policy import make_pipeline_options
+from transforms.serving_bytes import serving_bytes
 from transforms.splitting import image_id_for_uri
 
 DIGITS = 48
@@ -40,13 +42,14 @@ def digits(tmp_path_factory) -> sample_data.SampleData:
 
 @pytest.fixture(scope="module")
 def serving(trained_digits_model):
-    """The SavedModel's own serving signature, called without Beam."""
+    """The SavedModel's own serving signature, called without Beam on the bytes the jobs hand it."""
     loaded = tf.saved_model.load(os.path.join(trained_digits_model, model_artifacts.SAVED_MODEL_DIR))
     signature = loaded.signatures[model_artifacts.SERVING_SIGNATURE]
 
     def predict(path: str) -> dict[str, np.ndarray] | None:
         with open(path, "rb") as handle:
             data = handle.read()
+        data = serving_bytes(data, images.check_image(data, MAX_PIXELS))
         try:
             outputs = signature(**{model_artifacts.IMAGE_BYTES_INPUT: tf.constant([data])})
         except tf.errors.InvalidArgumentError:
@@ -90,9 +93,10 @@ def assert_rows_match_saved_model(rows: list[dict], serving, model_dir: str, top
         assert row["model_version"] == info.model_version
 
 
-def tiff_file(path: str) -> str:
-    """A valid image (Pillow opens it) that the model's decoder rejects: only a retried batch saves its mates."""
-    Image.new("L", (32, 32), 90).save(path, format="TIFF")
+def undecodable_file(path: str) -> str:
+    """A valid image (Pillow decodes it) that the model's decoder rejects: only a retried batch saves its mates."""
+    with open(path, "wb") as handle:
+        handle.write(undecodable_png())
     return path
 
 
@@ -102,7 +106,7 @@ def test_predicts_good_images_dead_letters_bad_ones_and_accounts_for_all(
     with open(digits.manifest) as handle:
         rows = [tuple(r) for r in csv.reader(handle)]
     rows += image_corpus.manifest_rows()
-    rows.append((tiff_file(str(tmp_path / "scan.tiff")), "4"))
+    rows.append((undecodable_file(str(tmp_path / "bad_idat.png")), "4"))
     random.Random(3).shuffle(rows)
     manifest = write_manifest(str(tmp_path / "manifest.csv"), rows)
     out = str(tmp_path / "out")
@@ -121,7 +125,7 @@ def test_predicts_good_images_dead_letters_bad_ones_and_accounts_for_all(
     for uri, _ in rows:
         if uri not in expected_letters and serving(uri) is None:
             expected_letters[uri] = INFERENCE_FAILED
-    assert str(tmp_path / "scan.tiff") in expected_letters
+    assert str(tmp_path / "bad_idat.png") in expected_letters
     assert {letter.input_ref: letter.error_type for letter in letters} == expected_letters
     assert sorted(row["uri"] for row in predicted) == sorted(uri for uri, _ in rows if uri not in expected_letters)
     assert_rows_match_saved_model(predicted, serving, trained_digits_model, top_k=3)

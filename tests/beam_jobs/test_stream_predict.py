@@ -35,6 +35,7 @@ from schemas import model_artifacts, prediction, stream_prediction
 from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import POINTER_FILE, write_file_atomically
+from tests.fixtures.image_corpus import undecodable_png
 from transforms import images, model_refresh, pubsub_io, stream_probe, streaming_eval
 from transforms.model_handler import INFERENCE_FAILED
 from transforms.stream_monitoring import MonitoringReport
@@ -75,13 +76,6 @@ def serving(trained_digits_model):
 def png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (width, height), 7).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def tiff() -> bytes:
-    """A valid image Pillow accepts but the model's decoder rejects: only a retried batch saves its mates."""
-    buffer = io.BytesIO()
-    Image.new("L", (32, 32), 90).save(buffer, format="TIFF")
     return buffer.getvalue()
 
 
@@ -202,7 +196,8 @@ def test_every_message_gives_one_prediction_equal_to_the_saved_model_and_bad_one
         "bad_base64": (json_message(image_id="x1", image_base64="@@@"), pubsub_io.MALFORMED_MESSAGE),
         "not_image": (json_message(image_id="x2", image_base64=b64(b"plain text, not a PNG")), images.NOT_AN_IMAGE),
         "oversized": (json_message(image_id="x3", image_base64=b64(png(1200, 1000))), images.TOO_MANY_PIXELS),
-        "tiff": (json_message(image_id="x4", image_base64=b64(tiff())), INFERENCE_FAILED),
+        # Pillow decodes it, the model's decoder refuses it: only a retried batch saves its mates.
+        "undecodable": (json_message(image_id="x4", image_base64=b64(undecodable_png())), INFERENCE_FAILED),
     }
     messages = [(json_message(image_id=image_id, image_base64=b64(data)), {}) for image_id, data in good]
     # The bad ones sit among the good, so they share bundles and batches with them.

@@ -28,7 +28,6 @@ from tests.fixtures.image_corpus import BadInputCorpus, JobFigures, JobRun, corp
 from transforms import pubsub_io
 from transforms.dead_letters import read_dead_letters
 from transforms.image_inputs import message_ref
-from transforms.model_handler import INFERENCE_FAILED
 
 
 def assert_judged_right(figures: JobFigures) -> None:
@@ -45,8 +44,7 @@ def assert_run_right(run: JobRun) -> None:
 
 
 def test_reasons_repeated_in_the_corpus_module_are_the_jobs() -> None:
-    assert (image_corpus.INFERENCE_FAILED, image_corpus.MALFORMED_MESSAGE) == (
-        INFERENCE_FAILED, pubsub_io.MALFORMED_MESSAGE)
+    assert image_corpus.MALFORMED_MESSAGE == pubsub_io.MALFORMED_MESSAGE
     assert MAX_PIXELS == image_corpus.CORPUS_MAX_PIXELS  # stream_predict's runs use the stream tests' limit.
 
 

@@ -24,6 +24,7 @@ from transforms.inference_inputs import (
     ReadImageInputs,
     image_source,
 )
+from transforms.serving_bytes import serving_bytes
 from transforms.splitting import image_id_for_uri
 
 # The corpus's bomb is 25M pixels; the default guard allows 50M.
@@ -45,6 +46,13 @@ def file_sha(path: str) -> str:
         return hashlib.sha256(handle.read()).hexdigest()
 
 
+def served_sha(path: str) -> str:
+    """The sha256 of the bytes the model is handed: the file's own, or a PNG of its pixels (serving_bytes)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return hashlib.sha256(serving_bytes(data, images.check_image(data, MAX_PIXELS))).hexdigest()
+
+
 def run_read(spec: InputSpec) -> None:
     """Runs only the read, for tests that check construction-time failures."""
     with TestPipeline(runner="FnApiRunner") as p:
@@ -58,9 +66,12 @@ def test_manifest_rows_are_keyed_and_bad_files_are_dead_lettered(image_corpus, t
     good = {uri: label for uri, label in rows if image_corpus.expected[uri] in (None, "unknown_label")}
     bad = {uri: reason for uri, reason in image_corpus.expected.items() if reason not in (None, "unknown_label")}
     expected_images = [
-        (image_id_for_uri(uri), image_id_for_uri(uri), uri, label, None, os.path.dirname(uri), file_sha(uri))
+        (image_id_for_uri(uri), image_id_for_uri(uri), uri, label, None, os.path.dirname(uri), served_sha(uri))
         for uri, label in good.items()
     ]
+    # The EXIF-rotated JPEG travels on as an upright PNG; every other good file as read.
+    assert [uri for uri in good if served_sha(uri) != file_sha(uri)] == [
+        uri for uri in good if uri.endswith("exif_rotated.jpg")]
     expected_letters = [(uri, counters.LOAD_IMAGE_STAGE, reason) for uri, reason in bad.items()]
     expected_letters.append((f"{manifest}:{len(rows) + 1}", counters.READ_MANIFEST_STAGE, "malformed_row"))
 
