@@ -52,6 +52,7 @@ from transforms.inference_preconditions import check_input_matches, check_model_
 from transforms.model_handler import ImageModelHandler, PredictImages
 from transforms.prediction_eval import WriteEvaluation
 from transforms.prediction_rows import FormatPredictionFn, row_to_json
+from transforms.publishing import Launch, PublishWhenWritten, finish, launch
 from transforms.runner_policy import (
     is_dry_run,
     make_pipeline_options,
@@ -178,35 +179,39 @@ class BatchPredict(beam.PTransform):
         return rows, dead_letters
 
 
-def run(argv: list[str] | None = None) -> PipelineResult:
-    """Builds and runs the job; publishes its output and artifacts directories when it succeeded."""
+def start(argv: list[str] | None = None) -> Launch:
+    """Builds the job and starts it without waiting; the pipeline publishes its output and artifacts runs itself.
+
+    Raises:
+      OutputExistsError: ``--output`` or ``--artifacts_dir`` is not empty and ``--overwrite`` was not given.
+    """
     options = make_pipeline_options(list(argv or []), job_options=BatchPredictOptions)
     config = BatchPredictConfig.from_options(options)
     handler = config.inference.make_handler()
     output_run, artifacts_run = config.start_runs()
     runs = [run for run in (output_run, artifacts_run) if run is not None]
     try:
-        result = _run_pipeline(options, config, handler, output_run, artifacts_run.run_dir)
+        pipeline = _build_pipeline(options, config, handler, output_run, artifacts_run)
     except BaseException:
-        for started in runs:
-            started.abandon()
-        raise
-    if is_dry_run(options):  # The Dataflow job was only built: nothing ran, nothing to publish.
         for started in dict.fromkeys(runs):
             started.abandon()
-        return result
-    for started in dict.fromkeys(runs):
-        _LOGGER.info("published %s", started.publish())
-    return result
+        raise
+    return launch(pipeline, runs, dry_run=is_dry_run(options))
 
 
-def _run_pipeline(options: PipelineOptions, config: BatchPredictConfig, handler: ImageModelHandler,
-                  output_run: OutputRun | None, artifacts_dir: str) -> PipelineResult:
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Runs the job and waits; the pipeline has published its runs when this returns."""
+    return finish(start(argv))
+
+
+def _build_pipeline(options: PipelineOptions, config: BatchPredictConfig, handler: ImageModelHandler,
+                    output_run: OutputRun | None, artifacts_run: OutputRun) -> beam.Pipeline:
     pipeline = beam.Pipeline(options=options)
+    artifacts_dir = artifacts_run.run_dir
     images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.inference.input_spec)
     rows, predict_letters = images | "BatchPredict" >> BatchPredict(handler, config.top_k)
     if output_run is not None and config.output_format == "jsonl":
-        _ = (
+        predictions = (
             rows
             | "FormatJsonLines" >> beam.Map(row_to_json)
             | "WriteJsonLines"
@@ -217,21 +222,21 @@ def _run_pipeline(options: PipelineOptions, config: BatchPredictConfig, handler:
         )
     else:
         warehouse_uri = config.warehouse_uri or f"parquet:{output_run.run_dir}#{prediction.PREDICTIONS_PREFIX}"
-        _ = rows | "WriteWarehouse" >> WriteToWarehouse(
+        predictions = rows | "WriteWarehouse" >> WriteToWarehouse(
             warehouse_uri, prediction.PREDICTIONS_TABLE, write_disposition=config.write_disposition
         )
-    _ = rows | "Evaluate" >> WriteEvaluation(
+    evaluation = rows | "Evaluate" >> WriteEvaluation(
         layout.join(artifacts_dir, prediction.EVAL_FILE),
         handler.model_info.labels,
         slice_column=config.slice_column,
         model_version=handler.model_info.model_version,
     )
-    _ = (read_letters, predict_letters) | "MergeDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(
-        artifacts_dir
-    )
-    result = pipeline.run()
-    result.wait_until_finish()
-    return result
+    dead_letters = (read_letters, predict_letters) | "MergeDeadLetters" >> beam.Flatten() | (
+        "WriteDeadLetters" >> WriteDeadLetters(artifacts_dir))
+    # The artifacts run is published only once the predictions are written too, wherever they go.
+    _ = {"predictions": predictions, "evaluation": evaluation, "dead_letters": dead_letters} | (
+        "PublishRuns" >> PublishWhenWritten([run for run in (output_run, artifacts_run) if run is not None]))
+    return pipeline
 
 
 def accounting(result: PipelineResult) -> dict[str, int]:

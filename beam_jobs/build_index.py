@@ -12,8 +12,10 @@ workers, each with its id map (image_id, uri, label, split) and vectors,
 ``index_info.json`` (counts, ScaNN parameters, the tuned search settings and
 their measured recall@k and QPS) and ``rejected-*.jsonl`` for rows not
 indexed (wrong dimension, NaN/zero vector, duplicate image_id). It follows
-the output rule: the run is published only once complete, balanced and
-tuned; a non-empty ``--output_dir`` needs ``--overwrite``.
+the output rule: the pipeline itself publishes the run as its last step,
+only once complete, balanced and tuned (so a launch that does not wait, such
+as a Flex Template's, publishes too); a non-empty ``--output_dir`` needs
+``--overwrite``.
 
 Exit status: 0 published; 1 the accounting (read = indexed + rejected) did
 not balance or the recall target could not be met (nothing published);
@@ -45,8 +47,15 @@ from schemas.index import IndexInfo
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import OutputExistsError, OutputRun, published_dir
 from transforms.dead_letters import WriteDeadLetters, counter_total
-from transforms.index_building import INDEXED_COUNTER, BuildIndex, IndexSpec
+from transforms.index_building import (
+    INDEXED_COUNTER,
+    BuildIndex,
+    IndexSpec,
+    UnbalancedAccountingError,
+    check_accounting,
+)
 from transforms.inference_preconditions import check_model_dir
+from transforms.publishing import Launch, PublishWhenWritten, failure_of, finish, launch
 from transforms.runner_policy import (
     is_dry_run,
     make_pipeline_options,
@@ -121,10 +130,6 @@ class BuildIndexConfig:
         )
 
 
-class UnbalancedAccountingError(RuntimeError):
-    """Rows were read but neither indexed nor dead-lettered (or counted twice); nothing is published."""
-
-
 @dataclasses.dataclass(frozen=True)
 class BuildIndexResult:
     """What ``run`` did: the pipeline result, the published run and its accounting (a dry run: none)."""
@@ -162,14 +167,16 @@ def resolve_source(config: BuildIndexConfig) -> tuple[str, int, int, str | None]
     return summary.model_version, summary.rows, dimension, model_dir
 
 
-def run(argv: list[str] | None = None) -> BuildIndexResult:
-    """Builds, tunes and publishes the index; publishes nothing on any failure.
+def start(argv: list[str] | None = None) -> Launch:
+    """Checks the source, builds the job into a fresh run directory and starts it without waiting.
+
+    The pipeline publishes the run itself, once the shards, ``index_info.json``
+    and the dead letters are written, the search is tuned to the target and
+    read = indexed + rejected; on any failure it publishes nothing.
 
     Raises:
       OutputExistsError: ``--output_dir`` is not empty and ``--overwrite`` was not given.
       WarehouseReadError: See ``resolve_source``.
-      TargetRecallNotMet: The tuned search cannot reach ``--target_recall``.
-      UnbalancedAccountingError: read != indexed + rejected.
     """
     options = make_pipeline_options(list(argv or []), job_options=BuildIndexOptions)
     config = BuildIndexConfig.from_options(options)
@@ -182,23 +189,43 @@ def run(argv: list[str] | None = None) -> BuildIndexResult:
         pipeline = beam.Pipeline(options=options)
         embeddings = pipeline | "ReadEmbeddings" >> ReadFromWarehouse(config.warehouse_uri,
                                                                       model_version=model_version, rows=rows)
-        _, dead_letters = embeddings | "BuildIndex" >> BuildIndex(spec)
-        _ = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(output.run_dir)
-        result = pipeline.run()
-        result.wait_until_finish()
-        if is_dry_run(options):  # The Dataflow job was only built: nothing ran, nothing to publish.
-            output.abandon()
-            return BuildIndexResult(result, "", None, {})
-        counts = {name: counter_total(result, name) for name in (READ_COUNTER, INDEXED_COUNTER, REJECTED_COUNTER)}
-        if counts[READ_COUNTER] != counts[INDEXED_COUNTER] + counts[REJECTED_COUNTER]:
-            raise UnbalancedAccountingError(
-                f"read {counts[READ_COUNTER]} != indexed {counts[INDEXED_COUNTER]} + rejected "
-                f"{counts[REJECTED_COUNTER]}; the index was not published")
-        info = IndexInfo.read(output.run_dir)
+        info, dead_letters = embeddings | "BuildIndex" >> BuildIndex(spec)
+        written = {
+            "index_info": info,
+            "dead_letters": dead_letters | "WriteDeadLetters" >> WriteDeadLetters(output.run_dir),
+            "read": embeddings | "CountRead" >> beam.combiners.Count.Globally(),
+        }
+        _ = written | "PublishIndex" >> PublishWhenWritten(output, check=check_accounting)
     except BaseException:
         output.abandon()
         raise
-    return BuildIndexResult(result, output.publish(), info, counts)
+    return launch(pipeline, [output], dry_run=is_dry_run(options), explain=explain_failure)
+
+
+def explain_failure(error: BaseException) -> None:
+    """Raises the job's own exception when the recall target or the accounting check failed the pipeline."""
+    for kind in (TargetRecallNotMet, UnbalancedAccountingError):
+        message = failure_of(error, kind)
+        if message is not None:
+            raise kind(message) from error
+
+
+def run(argv: list[str] | None = None) -> BuildIndexResult:
+    """Builds, tunes and publishes the index and waits for it; publishes nothing on any failure.
+
+    Raises:
+      OutputExistsError: ``--output_dir`` is not empty and ``--overwrite`` was not given.
+      WarehouseReadError: See ``resolve_source``.
+      TargetRecallNotMet: The tuned search cannot reach ``--target_recall``.
+      UnbalancedAccountingError: read != indexed + rejected.
+    """
+    started = start(argv)
+    result = finish(started)
+    if started.dry_run:  # The Dataflow job was only built: nothing ran, nothing was published.
+        return BuildIndexResult(result, "", None, {})
+    (output,) = started.runs
+    counts = {name: counter_total(result, name) for name in (READ_COUNTER, INDEXED_COUNTER, REJECTED_COUNTER)}
+    return BuildIndexResult(result, output.run_dir, IndexInfo.read(output.run_dir), counts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ Inputs: ``--manifest`` CSVs/globs of ``uri,label`` (local or gs://), optional
 
 Outputs in a fresh run directory under ``--output_dir``, which ``CURRENT``
 names once the run has succeeded (``schemas.publication``; readers resolve it
-with ``published_dir``): ``{split}-SSSSS-of-NNNNN.tfrecord.gz``,
+with ``published_dir``; the pipeline publishes it as its last step, so a
+launch that does not wait, such as a Flex Template's, publishes too): ``{split}-SSSSS-of-NNNNN.tfrecord.gz``,
 ``labels.txt``, ``schema.pbtxt``, ``transform_fn/`` and
 ``transformed_metadata/`` (tf.Transform over the train split),
 ``dataset_info.json`` and ``rejected-*.jsonl``. A non-empty ``--output_dir``
@@ -20,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import logging
 import sys
@@ -33,12 +35,13 @@ from schemas import dataset, layout
 from schemas.dataset_info import DatasetInfo, DatasetWarning
 from schemas.publication import OutputExistsError, OutputRun, published_dir
 from transforms.dataset_records import BuildRecords, DedupeByContent, LoadImages
-from transforms.dataset_summary import WriteDatasetInfo
+from transforms.dataset_summary import DatasetWarningsError, WriteDatasetInfo, refuse_warnings
 from transforms.dataset_writing import WriteDatasetSplits
 from transforms.dead_letters import WriteDeadLetters
 from transforms.images import ImageSpec
 from transforms.labeling import AssignLabelIndices, DeriveVocabulary, ResolveLabels, VotePolicy
 from transforms.manifests import ReadCsvRows, expand_patterns
+from transforms.publishing import Launch, PublishWhenWritten, failure_of, finish, launch
 from transforms.runner_policy import (
     is_dry_run,
     make_pipeline_options,
@@ -173,14 +176,6 @@ class CreateDatasetConfig:
         }
 
 
-class DatasetWarningsError(RuntimeError):
-    """``--strict`` and the finished dataset has warnings: nothing was published."""
-
-    def __init__(self, warnings: list[DatasetWarning]):
-        super().__init__(f"{len(warnings)} dataset warning(s) with --strict; nothing was published")
-        self.warnings = warnings
-
-
 def read_labels_file(path: str) -> list[str]:
     """Labels in file order, one per line; blank lines ignored, duplicates rejected."""
     with FileSystems.open(path, compression_type="uncompressed") as handle:
@@ -203,10 +198,15 @@ def format_labels(labels: list[str]) -> str:
 class CreateDataset(beam.PTransform):
     """The whole job as one composite: manifests in, one dataset run directory out.
 
+    Returns what each sink wrote, every PCollection complete only once its
+    files are (``PublishWhenWritten``'s input): ``dataset_info`` (the written
+    ``DatasetInfo``), ``splits``, ``labels``, ``dead_letters`` (file names)
+    and, with analysis, ``transform_fn``.
+
     Args:
       config: The job's configuration.
-      output_dir: Where this run writes (a fresh run directory, published by
-        ``run`` once the pipeline has succeeded).
+      output_dir: Where this run writes (a fresh run directory, which ``start``
+        has the pipeline publish once everything is written).
       temp_dir: tf.Transform's scratch directory for this run.
     """
 
@@ -216,7 +216,7 @@ class CreateDataset(beam.PTransform):
         self._output_dir = output_dir
         self._temp_dir = temp_dir
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[dict[str, Any]]:
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
         config = self._config
         output_dir = self._output_dir
         rows, manifest_letters = pbegin | "ReadManifests" >> ReadCsvRows(config.manifests, "manifest")
@@ -237,9 +237,10 @@ class CreateDataset(beam.PTransform):
         if config.dedupe == "content":
             loaded, dedupe_letters = loaded | "DedupeByContent" >> DedupeByContent()
         records, record_letters = loaded | "BuildRecords" >> BuildRecords(config.split_spec, config.dedupe)
-        by_split = records | "WriteSplits" >> WriteDatasetSplits(
+        by_split, written_shards = records | "WriteSplits" >> WriteDatasetSplits(
             output_dir, config.split_spec.names, config.num_shards)
-        _ = (
+        written = {"splits": written_shards}
+        written["labels"] = (
             vocabulary
             | "FormatLabels" >> beam.Map(format_labels)
             | "WriteLabels" >> beam.io.WriteToText(
@@ -252,23 +253,25 @@ class CreateDataset(beam.PTransform):
             from transforms.tft_analysis import AnalyzeAndWriteTransform
 
             spec = config.image_spec
-            _ = by_split[config.split_spec.names[0]] | "AnalyzeTrainSplit" >> AnalyzeAndWriteTransform(
+            written["transform_fn"] = by_split[config.split_spec.names[0]] | "AnalyzeTrainSplit" >> (
+                AnalyzeAndWriteTransform(
                 output_dir,
                 self._temp_dir,
                 make_preprocessing_fn(spec.image_size, spec.channels, spec.resize_method),
-            )
+            ))
         letters = (
             manifest_letters, rating_letters, label_letters, index_letters, image_letters, dedupe_letters,
             record_letters,
         ) | "FlattenDeadLetters" >> beam.Flatten()
-        _ = letters | "WriteDeadLetters" >> WriteDeadLetters(output_dir)
+        written["dead_letters"] = letters | "WriteDeadLetters" >> WriteDeadLetters(output_dir)
         read_rows = (
             (rows | "CountRows" >> beam.Map(count_one)),
             (manifest_letters | "CountManifestRejections" >> beam.Map(count_one)),
         ) | "FlattenReadRows" >> beam.Flatten()
-        return {
+        written["dataset_info"] = {
             "records": records, "dead_letters": letters, "read_rows": read_rows, "vocabulary": vocabulary,
         } | "WriteDatasetInfo" >> WriteDatasetInfo(output_dir, config.parameters())
+        return written
 
 
 def write_schema(output_dir: str) -> None:
@@ -279,38 +282,53 @@ def write_schema(output_dir: str) -> None:
         handle.write(dataset.DATASET_RECORD.metadata_schema_pbtxt().encode("utf-8"))
 
 
+def start(argv: list[str] | None = None) -> Launch:
+    """Builds the job into a fresh run directory and starts it, without waiting (as a Flex Template launch does).
+
+    The pipeline publishes the run itself once every file is written (with
+    ``--strict`` only when the dataset has no warnings) and removes
+    tf.Transform's scratch space first.
+
+    Raises:
+      OutputExistsError: ``--output_dir`` is not empty and ``--overwrite`` was not given.
+    """
+    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=CreateDatasetOptions)
+    config = CreateDatasetConfig.from_options(options)
+    output = OutputRun.start(config.output_dir, overwrite=config.overwrite)
+    temp_dir = config.tft_temp_dir(output)
+    dry_run = is_dry_run(options)
+    try:
+        write_schema(output.run_dir)
+        pipeline = beam.Pipeline(options=options)
+        written = pipeline | "CreateDataset" >> CreateDataset(config, output.run_dir, temp_dir)
+        _ = written | "PublishDataset" >> PublishWhenWritten(
+            output, check=refuse_warnings if config.strict else None, scratch=[temp_dir])
+    except BaseException:
+        output.abandon()
+        raise
+    # A dry run never created the scratch space (and must not look for it on gs://).
+    return launch(pipeline, [output], dry_run=dry_run, scratch=() if dry_run else (temp_dir,),
+                  explain=functools.partial(explain_failure, output.run_dir))
+
+
+def explain_failure(run_dir: str, error: BaseException) -> None:
+    """Raises ``DatasetWarningsError`` (with the warnings) when the pipeline's ``--strict`` check failed it.
+
+    Called before the failed run is removed, so its ``dataset_info.json`` is still there.
+    """
+    if failure_of(error, DatasetWarningsError) is not None:
+        raise DatasetWarningsError.of(DatasetInfo.read(run_dir).warnings) from error
+
+
 def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
-    """Builds and runs the job into a fresh run directory and publishes it when it succeeded.
+    """Runs the job and waits; the pipeline has published the run when this returns.
 
     Raises:
       OutputExistsError: ``--output_dir`` is not empty and ``--overwrite`` was not given.
       DatasetWarningsError: ``--strict`` and the dataset has warnings (the run is removed, the
         previously published dataset stays current).
     """
-    options = make_pipeline_options(list(sys.argv[1:] if argv is None else argv), job_options=CreateDatasetOptions)
-    config = CreateDatasetConfig.from_options(options)
-    output = OutputRun.start(config.output_dir, overwrite=config.overwrite)
-    temp_dir = config.tft_temp_dir(output)
-    try:
-        write_schema(output.run_dir)
-        pipeline = beam.Pipeline(options=options)
-        _ = pipeline | "CreateDataset" >> CreateDataset(config, output.run_dir, temp_dir)
-        result = pipeline.run()
-        result.wait_until_finish()
-        if is_dry_run(options):  # The Dataflow job was only built: nothing ran, nothing to publish.
-            output.abandon()
-            return result
-        warnings = DatasetInfo.read(output.run_dir).warnings
-        if config.strict and warnings:
-            raise DatasetWarningsError(warnings)
-    except BaseException:
-        output.abandon()
-        raise
-    finally:
-        if not is_dry_run(options) and FileSystems.exists(temp_dir):  # A dry run never created it.
-            FileSystems.delete([temp_dir])
-    output.publish()
-    return result
+    return finish(start(argv))
 
 
 def read_dataset_info(output_dir: str) -> DatasetInfo:

@@ -51,6 +51,7 @@ from transforms.embedding_rows import EMBEDDED_COUNTER, ExtractEmbeddings
 from transforms.inference_inputs import READ_COUNTER, ReadImageInputs
 from transforms.inference_options import InferenceConfig, InferenceOptions
 from transforms.inference_preconditions import check_input_matches, check_model_dir, no_inputs_message
+from transforms.publishing import Launch, PublishWhenWritten, finish, launch
 from transforms.runner_policy import (
     is_dry_run,
     make_pipeline_options,
@@ -126,8 +127,16 @@ class ExtractEmbeddingsConfig:
         return OutputRun.start(str(self.artifacts_root), overwrite=True)
 
 
-def run(argv: list[str] | None = None) -> PipelineResult:
-    """Builds and runs the job; publishes its artifacts directory when it succeeded."""
+def start(argv: list[str] | None = None) -> Launch:
+    """Builds the job and starts it without waiting; the pipeline publishes the artifacts run itself.
+
+    The artifacts run (the dead letters) is published only once the
+    embeddings are in the warehouse too, so a published run means the whole
+    job succeeded.
+
+    Raises:
+      OutputExistsError: ``--artifacts_dir`` is not empty and ``--overwrite`` was not given.
+    """
     options = make_pipeline_options(list(argv or []), job_options=ExtractEmbeddingsOptions)
     config = ExtractEmbeddingsConfig.from_options(options)
     handler = config.inference.make_handler()
@@ -136,23 +145,25 @@ def run(argv: list[str] | None = None) -> PipelineResult:
         pipeline = beam.Pipeline(options=options)
         images, read_letters = pipeline | "ReadInputs" >> ReadImageInputs(config.inference.input_spec)
         rows, embed_letters = images | "ExtractEmbeddings" >> ExtractEmbeddings(handler)
-        _ = rows | "WriteEmbeddings" >> WriteEmbeddings(config.warehouse_uri,
-                                                        write_disposition=config.write_disposition)
-        _ = (
-            (read_letters, embed_letters)
-            | "MergeDeadLetters" >> beam.Flatten()
-            | "WriteDeadLetters" >> WriteDeadLetters(artifacts.run_dir)
-        )
-        result = pipeline.run()
-        result.wait_until_finish()
+        written = {
+            "embeddings": rows | "WriteEmbeddings" >> WriteEmbeddings(config.warehouse_uri,
+                                                                      write_disposition=config.write_disposition),
+            "dead_letters": (
+                (read_letters, embed_letters)
+                | "MergeDeadLetters" >> beam.Flatten()
+                | "WriteDeadLetters" >> WriteDeadLetters(artifacts.run_dir)
+            ),
+        }
+        _ = written | "PublishArtifacts" >> PublishWhenWritten(artifacts)
     except BaseException:
         artifacts.abandon()
         raise
-    if is_dry_run(options):  # The Dataflow job was only built: nothing ran, nothing to publish.
-        artifacts.abandon()
-        return result
-    _LOGGER.info("dead letters of this run: %s", artifacts.publish())
-    return result
+    return launch(pipeline, [artifacts], dry_run=is_dry_run(options))
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Runs the job and waits; the pipeline has published the artifacts run when this returns."""
+    return finish(start(argv))
 
 
 def accounting(result: PipelineResult) -> dict[str, int]:

@@ -18,6 +18,11 @@ a single object write is atomic, so the scheme needs no directory rename
 (which GCS does not have). The same pointer publishes train's ``best/`` model
 and is what a streaming job watches to refresh its model.
 
+Batch jobs publish from inside their pipeline, as its last step
+(``transforms.publishing.PublishWhenWritten``), not from the process that
+launched it: a Dataflow Flex Template launch submits the job and does not
+wait for it.
+
 A directory without ``CURRENT`` (a run directory itself, or data written by
 other tools) resolves to itself.
 """
@@ -216,6 +221,11 @@ class OutputRun:
         abandoned long ago (killed jobs) are deleted. Unpublished recent runs
         may be concurrent jobs still writing and are left alone.
 
+        Publishing twice is harmless, so the pipeline step that publishes may
+        be retried: once ``CURRENT`` names this run, a second call rewrites
+        ``_SUCCESS`` and removes nothing (it no longer knows which run this one
+        replaced, which must stay; the next publish removes what is left).
+
         Returns:
           The published run directory.
 
@@ -226,6 +236,9 @@ class OutputRun:
             raise FileNotFoundError(f"cannot publish {self.run_dir}: it holds no files")
         write_file_atomically(join(self.run_dir, SUCCESS_FILE), b"")
         previous = read_pointer(self.output_dir)
+        if previous == self.run_name:
+            _LOGGER.info("%s is published already", self.run_dir)
+            return self.run_dir
         write_file_atomically(join(self.output_dir, POINTER_FILE), f"{self.run_name}\n".encode("utf-8"))
         keep = {self.run_name, previous}
         now = time.time()
@@ -235,8 +248,24 @@ class OutputRun:
         _LOGGER.info("published %s (replacing %s)", self.run_dir, previous)
         return self.run_dir
 
+    def is_published(self) -> bool:
+        """Whether ``CURRENT`` names this run (a later run may have replaced it since)."""
+        return read_pointer(self.output_dir) == self.run_name
+
     def abandon(self) -> None:
-        """Removes this run's directory after a failure; the published run is untouched."""
+        """Removes this run's directory after a failure; the published run is untouched.
+
+        A run that ``CURRENT`` names is kept: the pipeline publishes its own
+        run as its last step, so a failure reported after that step (a
+        runner that failed while shutting down) must not delete what readers
+        now read.
+        """
+        try:
+            if self.is_published():
+                _LOGGER.warning("not removing %s: it is published", self.run_dir)
+                return
+        except ValueError:  # A damaged pointer names no run, so not this one.
+            pass
         try:
             _delete_tree(self.run_dir)
         except OSError as error:  # Best effort: the next publish removes it anyway.

@@ -6,6 +6,13 @@ passes the template's parameters, plus its own options (``--runner``,
 ``--project``, ``--region``, ``--temp_location``, ...), as ``--name=value``.
 The job then runs exactly as ``vision-pipelines COMMAND``, its flag checks
 included.
+
+Nothing a job must do after its pipeline depends on this process: a Flex
+Template launch submits the job and need not wait for it, so every batch job
+publishes its output run as the pipeline's last step
+(``transforms.publishing.PublishWhenWritten``), after its own checks
+(create_dataset ``--strict``, build_index's recall target and accounting).
+When this process does wait, it only verifies and reports.
 """
 
 from __future__ import annotations

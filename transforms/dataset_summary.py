@@ -12,12 +12,12 @@ import collections
 import datetime
 import hashlib
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 
 from schemas import counters, dataset
-from schemas.dataset_info import Accounting, DatasetInfo, SplitCounts
+from schemas.dataset_info import Accounting, DatasetInfo, DatasetWarning, SplitCounts
 from schemas.dead_letter import DeadLetter
 from transforms.dataset_checks import dataset_warnings
 
@@ -157,3 +157,34 @@ class WriteDatasetInfo(beam.PTransform):
             )
             | "WriteDatasetInfo" >> beam.ParDo(WriteDatasetInfoFn(self._output_dir))
         )
+
+
+class DatasetWarningsError(RuntimeError):
+    """``--strict`` and the finished dataset has warnings: nothing was published.
+
+    It is raised inside the pipeline (``refuse_warnings``), where Beam
+    rebuilds a step's exception from its message alone; ``warnings`` is
+    filled in where the launching process raises it again.
+    """
+
+    def __init__(self, message: str, warnings: Sequence[DatasetWarning] = ()):
+        super().__init__(message)
+        self.warnings = list(warnings)
+
+    @classmethod
+    def of(cls, warnings: Sequence[DatasetWarning]) -> "DatasetWarningsError":
+        return cls(f"{len(warnings)} dataset warning(s) with --strict; nothing was published", warnings)
+
+
+def refuse_warnings(*, dataset_info: list[DatasetInfo], **_: list[Any]) -> None:
+    """create_dataset's ``--strict`` check before publishing (a ``PublishWhenWritten`` check).
+
+    Args:
+      dataset_info: What ``WriteDatasetInfo`` returned: the one written ``DatasetInfo``.
+
+    Raises:
+      DatasetWarningsError: The dataset has warnings.
+    """
+    warnings = [warning for info in dataset_info for warning in info.warnings]
+    if warnings:
+        raise DatasetWarningsError.of(warnings)

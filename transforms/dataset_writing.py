@@ -17,8 +17,10 @@ def serialize_record(record: dict[str, Any]) -> tuple[str, bytes]:
 class WriteDatasetSplits(beam.PTransform):
     """Writes ``{split}-SSSSS-of-NNNNN.tfrecord.gz`` for every configured split.
 
-    Returns a dict of split name -> PCollection of serialized examples, so the
-    caller can analyze the train split without reading the files back.
+    Returns ``(examples, written)``: a dict of split name -> PCollection of
+    serialized examples, so the caller can analyze the train split without
+    reading the files back, and the names of every written shard, complete
+    only once all splits are finalized (what a job publishes its run after).
     Every split gets at least one (possibly empty) shard, so readers can tell
     an empty split from a missing one.
     """
@@ -34,16 +36,19 @@ class WriteDatasetSplits(beam.PTransform):
     def _partition(self, element: tuple[str, bytes], num_partitions: int) -> int:
         return self._split_names.index(element[0])
 
-    def expand(self, records: beam.PCollection[dict[str, Any]]) -> dict[str, beam.PCollection[bytes]]:
+    def expand(
+        self, records: beam.PCollection[dict[str, Any]]
+    ) -> tuple[dict[str, beam.PCollection[bytes]], beam.PCollection[str]]:
         keyed = records | "SerializeExamples" >> beam.Map(serialize_record)
         parts = keyed | "PartitionBySplit" >> beam.Partition(self._partition, len(self._split_names))
         by_split: dict[str, beam.PCollection[bytes]] = {}
+        shards: list[beam.PCollection[str]] = []
         for name, part in zip(self._split_names, parts):
             examples = part | f"DropSplitKey[{name}]" >> beam.Values()
-            _ = examples | f"WriteShards[{name}]" >> beam.io.WriteToTFRecord(
+            shards.append(examples | f"WriteShards[{name}]" >> beam.io.WriteToTFRecord(
                 layout.split_prefix(self._output_dir, name),
                 file_name_suffix=layout.TFRECORD_SUFFIX,
                 num_shards=self._num_shards,
-            )
+            ))
             by_split[name] = examples
-        return by_split
+        return by_split, tuple(shards) | "FlattenWrittenShards" >> beam.Flatten()

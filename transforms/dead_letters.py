@@ -116,13 +116,16 @@ class WriteDeadLetters(beam.PTransform):
 
     The file is written even when nothing was rejected (one empty shard), so
     readers can tell "no rejections" from "the job did not run".
+
+    Returns the names of the written files, complete only once they are
+    finalized: the signal ``transforms.publishing.PublishWhenWritten`` waits for.
     """
 
     def __init__(self, output_dir: str):
         super().__init__()
         self._output_dir = output_dir
 
-    def expand(self, letters: beam.PCollection[DeadLetter]) -> beam.pvalue.PDone:
+    def expand(self, letters: beam.PCollection[DeadLetter]) -> beam.PCollection[str]:
         return (
             letters
             | "CountDeadLetters" >> CountDeadLetters()

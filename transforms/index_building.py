@@ -20,7 +20,9 @@ writes a complete, tuned index into an (unpublished) run directory:
    target cannot be met it raises and the job publishes nothing.
 
 Counters: ``read`` (by the reader), ``indexed`` (rows in shards), ``rejected``
-(dead letters); read = indexed + rejected.
+(dead letters); read = indexed + rejected. ``check_accounting`` checks the
+same equation inside the pipeline, from the rows read and the written
+``IndexInfo``, before build_index publishes the run.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from retrieval import index_build, index_tuning
 from schemas import index as index_schema
 from schemas.dead_letter import DeadLetter
 from schemas.embedding import EMBEDDING, IMAGE_ID, LABEL, SPLIT, URI
-from schemas.index import ShardInfo
+from schemas.index import IndexInfo, ShardInfo
 from transforms.dead_letters import METRICS_NAMESPACE
 
 STAGE = "build_index"
@@ -69,6 +71,26 @@ class IndexSpec:
     source: str
     model_dir: str | None = None
     query_sample_size: int | None = None
+
+
+class UnbalancedAccountingError(RuntimeError):
+    """Rows were read but neither indexed nor dead-lettered (or counted twice); nothing is published."""
+
+
+def check_accounting(*, read: list[int], index_info: list[IndexInfo], **_: list[Any]) -> None:
+    """build_index's check before publishing (a ``PublishWhenWritten`` check): read = indexed + rejected.
+
+    Args:
+      read: The number of rows read (one count).
+      index_info: The written ``IndexInfo`` (one), whose ``count`` and ``rejected`` it checks against.
+
+    Raises:
+      UnbalancedAccountingError: The numbers differ.
+    """
+    (rows,), (info,) = read, index_info
+    if rows != info.count + info.rejected:
+        raise UnbalancedAccountingError(
+            f"read {rows} != indexed {info.count} + rejected {info.rejected}; the index was not published")
 
 
 def _input_ref(row: dict[str, Any]) -> str:

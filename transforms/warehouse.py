@@ -26,6 +26,12 @@ batch_predict reuses ``WriteToWarehouse`` with the prediction record.
   comes it removes the run's staged shards and fails with
   ``WarehouseLockedError``.
 
+Each returns a PCollection that is complete only once the table holds the
+rows (the written Parquet files, after a truncate's deletions; the DuckDB
+row count, after the load; BigQuery's load and copy job references, after
+the jobs finished), so a job can publish its run once it is
+(``transforms.publishing``).
+
 Appending the same images again (a rerun) adds rows; readers see the newest
 row per ``(image_id, model_version)`` (``retrieval.sql_queries.latest_rows_sql``).
 """
@@ -142,6 +148,9 @@ class CheckRowsFn(beam.DoFn):
 class DeleteStaleFilesFn(beam.DoFn):
     """For truncate: after a run's files are written, deletes the table files that predate the run.
 
+    Yields the run's own files once the stale ones are gone, so what follows
+    sees the truncated table.
+
     ``snapshot`` is the table's file list taken when the pipeline was built.
     Only those files are deleted (the ones still there: a concurrent
     truncate may have removed some), so shards a concurrent writer added
@@ -161,7 +170,7 @@ class DeleteStaleFilesFn(beam.DoFn):
         if stale:
             FileSystems.delete(stale)
         _LOGGER.info("Truncated %s: removed %d files older than this run", self._table_glob, len(stale))
-        yield from stale
+        yield from sorted(written)
 
 
 def _is_lock_conflict(error: Exception) -> bool:
@@ -297,7 +306,11 @@ class WriteToWarehouse(beam.PTransform):
     """Writes record dicts to the warehouse table a URI names.
 
     Input: PCollection of dicts with exactly ``table_spec.record``'s fields.
-    Output: PDone.
+    Output: a PCollection complete only once the table holds the rows: the
+    written Parquet file paths (``parquet:``), the loaded row count
+    (``duckdb:``), ``(destination, JobReference)`` of BigQuery's finished
+    load and copy jobs (``bigquery:`` in batch). In a streaming pipeline
+    (``bigquery:`` only) it is the rows BigQuery refused, and never complete.
     """
 
     def __init__(
@@ -336,13 +349,12 @@ class WriteToWarehouse(beam.PTransform):
     def warehouse(self) -> WarehouseUri:
         return self._warehouse
 
-    def expand(self, rows: beam.PCollection[dict[str, Any]]) -> beam.pvalue.PDone:
+    def expand(self, rows: beam.PCollection[dict[str, Any]]) -> beam.PCollection:
         record = self._spec.record
         checked = rows | "CheckRows" >> beam.ParDo(CheckRowsFn(record, f"{self._warehouse.table}_rows_written"))
         streaming = rows.pipeline.options.view_as(StandardOptions).streaming
         if self._warehouse.kind == "bigquery":
-            self._write_bigquery(checked, streaming=bool(streaming))
-            return beam.pvalue.PDone(rows.pipeline)
+            return self._write_bigquery(checked, streaming=bool(streaming))
         if streaming:
             raise ValueError(f"{self._warehouse.kind} warehouses are batch-only; streaming jobs write bigquery:")
         run_token = _new_run_token()
@@ -354,22 +366,21 @@ class WriteToWarehouse(beam.PTransform):
                 table_glob = parquet_table_glob(self._warehouse)
                 # Snapshot now, while the pipeline is built: what truncate replaces.
                 snapshot = list_table_files(table_glob)
-                _ = (
+                return (
                     written
                     | "CollectWrittenFiles" >> beam.combiners.ToList()
                     | "DeleteStaleFiles" >> beam.ParDo(DeleteStaleFilesFn(table_glob, snapshot))
                 )
-            return beam.pvalue.PDone(rows.pipeline)
+            return written
         staging_dir = FileSystems.join(duckdb_staging_dir(self._warehouse), run_token)
         staged = checked | "StageParquet" >> self._write_parquet(FileSystems.join(staging_dir, "part"))
-        _ = (
+        return (
             staged
             | "CollectStagedFiles" >> beam.combiners.ToList()
             | "LoadIntoDuckDB"
             >> beam.ParDo(LoadIntoDuckDBFn(self._warehouse.location, self._warehouse.table, self._write_disposition,
                                            staging_dir=staging_dir, lock_timeout_s=self._duckdb_lock_timeout_s))
         )
-        return beam.pvalue.PDone(rows.pipeline)
 
     def _write_parquet(self, prefix: str) -> beam.PTransform:
         return beam.io.WriteToParquet(
@@ -379,7 +390,16 @@ class WriteToWarehouse(beam.PTransform):
             file_name_suffix=PARQUET_SUFFIX,
         )
 
-    def _write_bigquery(self, rows: beam.PCollection[dict[str, Any]], *, streaming: bool) -> None:
+    def _write_bigquery(self, rows: beam.PCollection[dict[str, Any]], *, streaming: bool) -> beam.PCollection:
+        """Writes with FILE_LOADS in batch, STREAMING_INSERTS in streaming; see ``expand`` for what it returns.
+
+        In Beam 2.77 ``destination_load_jobid_pairs`` is emitted when a load
+        job starts, but the step emitting it waits for every job it started
+        in ``finish_bundle`` (and fails if one failed), so the PCollection is
+        complete only after the loads finished; ``destination_copy_jobid_pairs``
+        (the temp-table path for large loads) is emitted after the copy jobs
+        finished. Their union completes when the table holds every row.
+        """
         from apache_beam.io.gcp.internal.clients.bigquery import TableReference
 
         bq = beam.io.BigQueryDisposition
@@ -389,7 +409,7 @@ class WriteToWarehouse(beam.PTransform):
             datasetId=self._warehouse.bigquery_dataset,
             tableId=self._warehouse.table,
         )
-        _ = (
+        result = (
             rows
             | "FormatBigQueryRows" >> beam.Map(to_bigquery_row, record=self._spec.record)
             | "WriteBigQuery"
@@ -401,6 +421,12 @@ class WriteToWarehouse(beam.PTransform):
                 write_disposition=bq.WRITE_TRUNCATE if self._write_disposition == "truncate" else bq.WRITE_APPEND,
                 additional_bq_parameters=self._spec.bigquery_table_parameters(),
             )
+        )
+        if streaming:
+            return result.failed_rows
+        return (
+            (result.destination_load_jobid_pairs, result.destination_copy_jobid_pairs)
+            | "FlattenBigQueryJobs" >> beam.Flatten()
         )
 
 

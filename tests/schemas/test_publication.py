@@ -105,3 +105,20 @@ def test_atomic_writes_replace_whole_files_and_leave_no_temporary(tmp_path):
     publication.write_file_atomically(path, b'{"a": 2}')
     assert open(path, "rb").read() == b'{"a": 2}'
     assert os.listdir(tmp_path) == ["info.json"]
+
+
+def test_publishing_again_is_harmless_and_a_published_run_is_never_abandoned(output_root):
+    """The pipeline's publishing step may be retried, and the launcher abandons a run when the job failed after it."""
+    out = f"{output_root}/out"
+    first = _publish(out, "first", overwrite=False)
+    second = _publish(out, "second", overwrite=True)
+    third = _publish(out, "third", overwrite=True)
+    assert _names(out) == {publication.POINTER_FILE, second.run_name, third.run_name}
+    assert third.publish() == third.run_dir  # A retried publish: same pointer, nothing else removed.
+    assert published_dir(out) == third.run_dir
+    assert _names(out) == {publication.POINTER_FILE, second.run_name, third.run_name}
+    assert third.is_published() and not second.is_published() and first.run_name not in _names(out)
+
+    third.abandon()
+    assert published_dir(out) == third.run_dir
+    assert _read(FileSystems.join(third.run_dir, "part-00000-of-00001.txt")) == "third"
