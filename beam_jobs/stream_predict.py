@@ -12,14 +12,20 @@ Outputs:
   (``schemas.stream_prediction.STREAM_PREDICTION_RECORD``: image_id, message
   id, label, top-k, model_version, event and processing time), with
   ``image_id`` and ``message_id`` attributes;
-- optionally ``--metrics_topic``: a ``MonitoringReport`` JSON (counts per label
-  and model version, latency p50/p95/p99) every ``--monitoring_interval_secs``,
-  and the same as Beam metrics (``end_to_end_latency_ms``, ``predicted_label_*``);
-- with ``--labels_subscription`` (late ground truth), an ``EvaluationReport``
-  (accuracy, per-class recall) every ``--eval_interval_secs`` to
-  ``--metrics_topic``; with ``--dataset_dir``, drift of the predicted labels
-  from the training distribution (``transforms.streaming_eval``); alerts
-  below ``--accuracy_alert_threshold`` / above ``--drift_alert_threshold``;
+- optionally ``--metrics_topic``: ``MonitoringReport`` JSONs (counts per label
+  and model version, latency p50/p95/p99) per fixed event-time window of
+  ``--monitoring_interval_secs`` (``window_start``/``window_end``; panes early
+  every ``--report_refresh_secs``, on time, and late for data up to
+  ``--allowed_lateness_secs`` behind; a window's latest pane is its report:
+  ``schemas.stream_prediction``), and the same as Beam metrics
+  (``end_to_end_latency_ms``, ``predicted_label_*``);
+- with ``--labels_subscription`` (late ground truth), ``EvaluationReport``s
+  (accuracy, per-class recall) per event-time window of
+  ``--eval_interval_secs`` to ``--metrics_topic``, each label scored in its
+  prediction's window; with ``--dataset_dir``, drift of each monitoring
+  window's predicted labels from the training distribution
+  (``transforms.streaming_eval``); alerts below ``--accuracy_alert_threshold``
+  / above ``--drift_alert_threshold``;
 - ``--dead_letter_topic``: one ``DeadLetter`` JSON per malformed message,
   unreadable or oversized image or failed inference (naming the message as
   ``pubsub:MESSAGE_ID``), and an alert for every model version refused;
@@ -92,6 +98,8 @@ _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL_REFRESH_SECS = 60.0
 DEFAULT_DRIFT_MIN_PREDICTIONS = 100
+DEFAULT_REPORT_REFRESH_SECS = 10
+DEFAULT_ALLOWED_LATENESS_SECS = 600
 DATAFLOW_AUTOSCALING = "THROUGHPUT_BASED"
 _TOPIC_RE = re.compile(r"^projects/[^/]+/topics/[^/]+$")
 _SUBSCRIPTION_RE = re.compile(r"^projects/[^/]+/subscriptions/[^/]+$")
@@ -121,17 +129,26 @@ class StreamPredictOptions(ModelOptions):
                             help="0: batch what one bundle holds, never waiting; > 0: a batch waits up to this "
                                  "long for more messages (per worker process).")
         parser.add_argument("--metrics_topic", default=None,
-                            help="projects/P/topics/T for a monitoring report (counts per label and model "
-                                 "version, latency percentiles) every --monitoring_interval_secs.")
+                            help="projects/P/topics/T for monitoring reports (counts per label and model "
+                                 "version, latency percentiles) per event-time window of "
+                                 "--monitoring_interval_secs.")
         parser.add_argument("--monitoring_interval_secs", type=int, default=60,
-                            help="Processing-time seconds between two monitoring reports.")
+                            help="Length of a monitoring window, seconds of event time (fixed windows of the "
+                                 "inputs' publish time).")
+        parser.add_argument("--report_refresh_secs", type=int, default=DEFAULT_REPORT_REFRESH_SECS,
+                            help="Processing-time seconds between two early reports of a window still open, "
+                                 "and from late data to the late report that counts it.")
+        parser.add_argument("--allowed_lateness_secs", type=int, default=DEFAULT_ALLOWED_LATENESS_SECS,
+                            help="How long after a window's end (in event time) late predictions still update "
+                                 "its reports; evaluation windows wait --label_timeout_secs longer for labels.")
         parser.add_argument("--labels_subscription", default=None,
                             help='projects/P/subscriptions/S of late ground truth {"image_id", "label"}: '
                                  "joined to predictions and scored to --metrics_topic.")
         parser.add_argument("--label_timeout_secs", type=float, default=3600.0,
                             help="How long a prediction waits for its label (and a label for its prediction).")
         parser.add_argument("--eval_interval_secs", type=int, default=300,
-                            help="Processing-time seconds between two evaluation reports.")
+                            help="Length of an evaluation window, seconds of event time: a label is scored in "
+                                 "the window of its prediction's event time.")
         parser.add_argument("--accuracy_alert_threshold", type=float, default=None,
                             help="Alert on the dead-letter topic when a report's accuracy is below this.")
         parser.add_argument("--dataset_dir", default=None,
@@ -165,6 +182,8 @@ class StreamPredictConfig:
     bigquery_table: str | None
     metrics_topic: str | None
     monitoring_interval_secs: int
+    report_refresh_secs: int
+    allowed_lateness_secs: int
     labels_subscription: str | None
     label_timeout_secs: float
     eval_interval_secs: int
@@ -196,6 +215,10 @@ class StreamPredictConfig:
         if flags.monitoring_interval_secs < 1:
             raise ValueError("--monitoring_interval_secs must be >= 1. "
                              f"Received `monitoring_interval_secs={flags.monitoring_interval_secs}`")
+        if flags.report_refresh_secs < 1 or flags.allowed_lateness_secs < 0:
+            raise ValueError("--report_refresh_secs must be >= 1 and --allowed_lateness_secs >= 0. Received "
+                             f"`report_refresh_secs={flags.report_refresh_secs}`, "
+                             f"`allowed_lateness_secs={flags.allowed_lateness_secs}`")
         _check_path("labels_subscription", flags.labels_subscription, _SUBSCRIPTION_RE, "projects/P/subscriptions/S")
         if (flags.labels_subscription or flags.dataset_dir) and not flags.metrics_topic:
             raise ValueError("--labels_subscription and --dataset_dir need --metrics_topic (their reports go there)")
@@ -217,6 +240,8 @@ class StreamPredictConfig:
             bigquery_table=flags.bigquery_table,
             metrics_topic=flags.metrics_topic,
             monitoring_interval_secs=flags.monitoring_interval_secs,
+            report_refresh_secs=flags.report_refresh_secs,
+            allowed_lateness_secs=flags.allowed_lateness_secs,
             labels_subscription=flags.labels_subscription,
             label_timeout_secs=flags.label_timeout_secs,
             eval_interval_secs=flags.eval_interval_secs,
@@ -294,7 +319,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: StreamPredictConfig,
                                                            MESSAGE_ID)
     alert_streams = [alerts]
     if config.metrics_topic:
-        reports = rows | "MonitorPredictions" >> MonitorPredictions(config.monitoring_interval_secs)
+        reports = rows | "MonitorPredictions" >> MonitorPredictions(
+            config.monitoring_interval_secs, refresh_secs=config.report_refresh_secs,
+            allowed_lateness_secs=config.allowed_lateness_secs)
         _ = reports | "FormatReports" >> beam.Map(report_message) | "PublishReports" >> WriteToPubSub(
             config.metrics_topic)
         if config.dataset_dir:
@@ -309,7 +336,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: StreamPredictConfig,
         )
         evaluations, eval_alerts = (rows, parsed.labels) | "EvaluateWithLateLabels" >> EvaluateWithLateLabels(
             handler.model_info.labels, timeout_secs=config.label_timeout_secs,
-            interval_secs=config.eval_interval_secs, accuracy_threshold=config.accuracy_alert_threshold)
+            window_secs=config.eval_interval_secs, refresh_secs=config.report_refresh_secs,
+            allowed_lateness_secs=config.allowed_lateness_secs, accuracy_threshold=config.accuracy_alert_threshold)
         _ = evaluations | "FormatEvaluations" >> beam.Map(evaluation_message) | "PublishEvaluations" >> \
             WriteToPubSub(config.metrics_topic)
         alert_streams += [eval_alerts, parsed[streaming_eval.DEAD_LETTERS]]

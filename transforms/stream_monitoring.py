@@ -1,18 +1,29 @@
-"""Periodic monitoring of a prediction stream: counts per label and model version, latency percentiles.
+"""Monitoring of a prediction stream by event-time window: counts per label and model version, latency percentiles.
 
-Every ``interval_secs`` of processing time, the rows predicted since the last
-report are reduced with one ``CombineFn`` (combiner lifting pre-aggregates on
-every worker, so this side branch costs a few counters and a bounded latency
-sample and never slows the predictions) into one ``MonitoringReport``.
-Latency is processing time minus event time (the input's publish time), the
-figure the benchmark reports.
+Predictions are grouped into fixed windows of event time (the input's publish
+time, which ``transforms.model_handler.PredictImages`` restores as each
+prediction's timestamp after batching) and each window is reduced with one
+``CombineFn`` (combiner lifting pre-aggregates on every worker, so this side
+branch costs a few counters and a bounded latency sample and never slows the
+predictions) into ``MonitoringReport``s naming the window and pane.
+Latency is processing time minus event time, the figure the benchmark reports.
 
-Why processing-time panes and not event-time windows: after RunInference's
-bundle batching every prediction carries the end-of-global-window timestamp
-(measured on the BundleBasedDirectRunner in Beam 2.77), so the event times of
-in-flight rows are already behind the watermark and re-stamped rows would be
-dropped as late by an event-time window. A processing-time trigger on the
-global window reports everything, once.
+When a window reports (``report_windows``, shared with continuous
+evaluation): early panes every ``refresh_secs`` of processing time while the
+window is open, so a report comes out promptly even where the watermark is
+slow (the local runner moves its Pub/Sub watermark only when a pull returns,
+up to 30 s on an idle input); the on-time pane when the watermark passes the
+window's end; then a late pane ``refresh_secs`` after late data arrives, until
+``allowed_lateness_secs`` past the end. Late data is normal here, not an
+error: a prediction re-stamped after batching can be behind the watermark,
+and a label joined later always is. Panes *accumulate*, so each report is the
+whole window so far (percentiles and accuracy cannot be summed across panes)
+and a window's latest pane replaces its earlier ones.
+
+``pane`` in a report is the runner's pane timing. Beam 2.77's Python trigger
+driver (the local runner's) decides early vs. late for a pane fired by a
+processing-time timer by comparing the processing time, not the watermark,
+with the window's end; the pane index and the counts are exact either way.
 """
 
 from __future__ import annotations
@@ -20,46 +31,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import json
 import random
 from typing import Any, Iterable
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.transforms import trigger, window
+from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from schemas import prediction
 from schemas import stream_prediction as stream_schema
+from schemas.stream_prediction import MonitoringReport
 
 LATENCY_SAMPLE = 2000  # Latencies kept per report; percentiles of a uniform sample of them.
-
-
-@dataclasses.dataclass(frozen=True)
-class MonitoringReport:
-    """What the predictions made since the previous report looked like.
-
-    Attributes:
-      emitted_at: ISO 8601 UTC time the report was made.
-      count: Predictions covered.
-      label_counts: Predictions per predicted label.
-      model_versions: Predictions per model_version.
-      latency_p50_s, latency_p95_s, latency_p99_s: End-to-end latency percentiles, seconds.
-    """
-
-    emitted_at: str
-    count: int
-    label_counts: dict[str, int]
-    model_versions: dict[str, int]
-    latency_p50_s: float
-    latency_p95_s: float
-    latency_p99_s: float
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "MonitoringReport":
-        return cls(**json.loads(text))
 
 
 @dataclasses.dataclass
@@ -107,17 +91,53 @@ class TallyPredictionsFn(beam.CombineFn):
         return tally
 
 
-def monitoring_report(tally: _Tally) -> MonitoringReport:
-    latencies = np.asarray(tally.latencies or [0.0])
-    return MonitoringReport(
-        emitted_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        count=tally.count,
-        label_counts=dict(sorted(tally.labels.items())),
-        model_versions=dict(sorted(tally.versions.items())),
-        latency_p50_s=round(float(np.percentile(latencies, 50)), 4),
-        latency_p95_s=round(float(np.percentile(latencies, 95)), 4),
-        latency_p99_s=round(float(np.percentile(latencies, 99)), 4),
-    )
+_PANE_NAMES = {PaneInfoTiming.EARLY: stream_schema.PANE_EARLY, PaneInfoTiming.ON_TIME: stream_schema.PANE_ON_TIME,
+               PaneInfoTiming.LATE: stream_schema.PANE_LATE}
+
+
+def _utc(timestamp: Any) -> str:
+    return datetime.datetime.fromtimestamp(float(timestamp), datetime.timezone.utc).isoformat()
+
+
+def window_fields(window_: window.IntervalWindow, pane: PaneInfo) -> dict[str, Any]:
+    """A report's window and pane fields (``window_start``, ``window_end``, ``pane``, ``pane_index``)."""
+    return {"window_start": _utc(window_.start), "window_end": _utc(window_.end),
+            "pane": _PANE_NAMES.get(pane.timing, stream_schema.PANE_UNKNOWN), "pane_index": pane.index}
+
+
+def report_windows(window_secs: int, *, refresh_secs: int, allowed_lateness_secs: int) -> beam.WindowInto:
+    """Fixed event-time windows of ``window_secs``, firing as the module docstring says (accumulating panes)."""
+    for name, value in (("window_secs", window_secs), ("refresh_secs", refresh_secs)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1. Received `{name}={value}`")
+    if allowed_lateness_secs < 0:
+        raise ValueError(f"allowed_lateness_secs must be >= 0. Received `allowed_lateness_secs={allowed_lateness_secs}`")
+    return beam.WindowInto(
+        window.FixedWindows(window_secs),
+        trigger=trigger.AfterWatermark(early=trigger.AfterProcessingTime(refresh_secs),
+                                       late=trigger.AfterProcessingTime(refresh_secs)),
+        accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+        allowed_lateness=allowed_lateness_secs)
+
+
+class DescribePaneFn(beam.DoFn):
+    """One window's tally, as of one pane -> its ``MonitoringReport``."""
+
+    def process(self, tally: _Tally, window_=beam.DoFn.WindowParam,
+                pane=beam.DoFn.PaneInfoParam) -> Iterable[MonitoringReport]:
+        if tally.count == 0:  # An on-time or final pane with nothing in it.
+            return
+        latencies = np.asarray(tally.latencies)
+        yield MonitoringReport(
+            **window_fields(window_, pane),
+            emitted_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            count=tally.count,
+            label_counts=dict(sorted(tally.labels.items())),
+            model_versions=dict(sorted(tally.versions.items())),
+            latency_p50_s=round(float(np.percentile(latencies, 50)), 4),
+            latency_p95_s=round(float(np.percentile(latencies, 95)), 4),
+            latency_p99_s=round(float(np.percentile(latencies, 99)), 4),
+        )
 
 
 def report_message(report: MonitoringReport) -> bytes:
@@ -126,21 +146,23 @@ def report_message(report: MonitoringReport) -> bytes:
 
 
 class MonitorPredictions(beam.PTransform):
-    """Stream prediction rows -> a ``MonitoringReport`` about every ``interval_secs`` (processing time, whole seconds)."""
+    """Stream prediction rows (at their event times) -> ``MonitoringReport``s per event-time window and pane.
 
-    def __init__(self, interval_secs: int):
+    Args:
+      window_secs: Event-time length of a window (whole seconds).
+      refresh_secs: Processing-time seconds between two early (or two late) panes of a window.
+      allowed_lateness_secs: How long after a window's end late predictions still update its report.
+    """
+
+    def __init__(self, window_secs: int, *, refresh_secs: int, allowed_lateness_secs: int):
         super().__init__()
-        if interval_secs < 1:
-            raise ValueError(f"interval_secs must be >= 1. Received `interval_secs={interval_secs}`")
-        self._interval_secs = interval_secs
+        self._windows = report_windows(window_secs, refresh_secs=refresh_secs,
+                                       allowed_lateness_secs=allowed_lateness_secs)
 
     def expand(self, rows: beam.PCollection[dict[str, Any]]) -> beam.PCollection[MonitoringReport]:
         return (
             rows
-            | "PaneEveryInterval" >> beam.WindowInto(
-                window.GlobalWindows(),
-                trigger=trigger.Repeatedly(trigger.AfterProcessingTime(self._interval_secs)),
-                accumulation_mode=trigger.AccumulationMode.DISCARDING)
+            | "WindowByEventTime" >> self._windows
             | "TallyPredictions" >> beam.CombineGlobally(TallyPredictionsFn()).without_defaults()
-            | "DescribePane" >> beam.Map(monitoring_report)
+            | "DescribePanes" >> beam.ParDo(DescribePaneFn())
         )

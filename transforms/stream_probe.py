@@ -26,9 +26,8 @@ import time
 from typing import Any, Iterator, Sequence
 
 from schemas import prediction
-from schemas.stream_prediction import EVENT_TIME
+from schemas.stream_prediction import EVALUATION_KIND, EVENT_TIME, EvaluationReport, latest_per_window
 from transforms.pubsub_io import IMAGE_BASE64_KEY
-from transforms.streaming_eval import EvaluationReport
 
 PULL_BATCH = 500
 ACK_DEADLINE_S = 60
@@ -98,18 +97,20 @@ def pull_predictions(subscriber: Any, subscription: str, want: set[str],
 
 
 def pull_evaluations(subscriber: Any, subscription: str, labeled: int, timeout_s: float) -> list[EvaluationReport]:
-    """Evaluation reports on the metrics topic until they cover ``labeled`` predictions (or the timeout).
+    """Each event-time window's evaluation report once they cover ``labeled`` predictions (or the timeout).
 
-    Other reports on the topic (monitoring) are skipped.
+    Panes accumulate, so a window's report is its latest pane
+    (``schemas.stream_prediction.latest_per_window``). Other reports on the
+    topic (monitoring) are skipped.
     """
     found: list[EvaluationReport] = []
     deadline = time.monotonic() + timeout_s
-    while sum(report.count for report in found) < labeled and time.monotonic() < deadline:
+    while sum(report.count for report in latest_per_window(found)) < labeled and time.monotonic() < deadline:
         for message in _pull(subscriber, subscription):
             body = json.loads(message.data.decode("utf-8"))
-            if body.get("kind") == "evaluation":
+            if body.get("kind") == EVALUATION_KIND:
                 found.append(EvaluationReport(**body))
-    return found
+    return latest_per_window(found)
 
 
 @contextlib.contextmanager

@@ -4,25 +4,39 @@ Labels arrive later than predictions, on their own subscription, as JSON
 ``{"image_id": "...", "label": "..."}``. ``JoinLabelsFn`` is a stateful join
 keyed by image_id: whichever side comes first waits in state until the other
 arrives, or until ``timeout_secs`` of processing time pass (then it expires, is
-counted, and the state is freed), so unmatched predictions never pile up.
+counted, and the state is freed), so unmatched predictions never pile up. The
+join runs in the global window (a label is published later than its
+prediction, usually in a later window); each joined pair is emitted at the
+*prediction's* event time, so it is scored in the window its prediction
+belongs to however late the label came.
 
-Joined pairs are scored in processing-time panes (every ``interval_secs``; see
-``transforms.stream_monitoring`` for why not event-time windows) by the
-project's one metrics implementation: ``transforms.prediction_eval``'s
-confusion counts and ``model_lib.metrics`` (accuracy, per-class recall over the
-model's full label list), the numbers batch_predict's eval.json and train's
-metrics.json report. An accuracy below the threshold raises an alert.
+Joined pairs are scored per fixed event-time window
+(``transforms.stream_monitoring.report_windows``: early, on-time and late
+accumulating panes) by the project's one metrics implementation:
+``transforms.prediction_eval``'s confusion counts and ``model_lib.metrics``
+(accuracy, per-class recall over the model's full label list), the numbers
+batch_predict's eval.json and train's metrics.json report. On the local
+runner a pair whose label came late is behind the watermark, so a window
+keeps taking pairs for ``timeout_secs`` beyond the predictions' own allowed
+lateness: a label joined within the timeout always reaches its window's
+report. On the portable runners (Dataflow, Flink) the join's processing-time
+timer holds the watermark at the waiting element's timestamp (Beam's
+default for such timers), so there the window's on-time pane waits until its
+predictions are joined or expired, and early panes give the partial figures. A
+report whose accuracy is below the threshold raises an alert naming its
+window and pane (a later pane of the same window that is still below raises
+it again).
 
 Drift: each monitoring report's predicted-label distribution is compared with
 the training split's label distribution from the dataset's
 ``dataset_info.json`` by total variation distance (half the L1 distance, 0 =
-same, 1 = disjoint); above the threshold raises an alert.
+same, 1 = disjoint); above the threshold raises an alert, likewise per pane.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import time
 from typing import Any, Iterable, Sequence
 
@@ -30,19 +44,20 @@ import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.metrics import Metrics
-from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
 
 from schemas import prediction
 from schemas.dataset_info import DatasetInfo
 from schemas.dead_letter import DeadLetter
 from schemas.publication import published_dir
+from schemas.stream_prediction import EVENT_TIME, EvaluationReport, MonitoringReport
 from transforms.dead_letters import METRICS_NAMESPACE, RejectedInput
 from transforms.image_inputs import message_ref
 from transforms.prediction_eval import ConfusionCountsFn, evaluation_report
 from transforms.pubsub_io import MALFORMED_MESSAGE, message_id_of
-from transforms.stream_monitoring import MonitoringReport
+from transforms.stream_monitoring import report_windows, window_fields
 
 LABEL_STAGE = "parse_label"
 EVAL_STAGE = "continuous_evaluation"
@@ -87,15 +102,20 @@ class ParseLabelFn(beam.DoFn):
 
 
 def prediction_join_input(row: dict[str, Any]) -> JoinInput:
-    """A stream prediction row -> ``(image_id, ("prediction", (label, model_version)))``."""
-    return row[prediction.IMAGE_ID], (PREDICTION_KIND, (row[prediction.LABEL], row[prediction.MODEL_VERSION]))
+    """A stream prediction row -> ``(image_id, ("prediction", (label, model_version, event_time)))``.
+
+    ``event_time`` is epoch seconds: the joined pair is emitted at it.
+    """
+    return row[prediction.IMAGE_ID], (PREDICTION_KIND, (
+        row[prediction.LABEL], row[prediction.MODEL_VERSION], row[EVENT_TIME].timestamp()))
 
 
 class JoinLabelsFn(beam.DoFn):
     """Joins a prediction and its late label by image_id, with a processing-time timeout.
 
     Emits ``{"true_label", "label", "model_version"}`` rows (the prediction
-    row's column names, so ``ConfusionCountsFn`` scores them).
+    row's column names, so ``ConfusionCountsFn`` scores them), each at its
+    prediction's event time.
     """
 
     PREDICTION_STATE = ReadModifyWriteStateSpec("prediction", PickleCoder())
@@ -115,7 +135,7 @@ class JoinLabelsFn(beam.DoFn):
         predicted=beam.DoFn.StateParam(PREDICTION_STATE),
         labeled=beam.DoFn.StateParam(LABEL_STATE),
         expiry=beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterable[dict[str, Any]]:
+    ) -> Iterable[TimestampedValue]:
         _, (kind, value) = element
         (predicted if kind == PREDICTION_KIND else labeled).write(value)
         guess, truth = predicted.read(), labeled.read()
@@ -126,7 +146,10 @@ class JoinLabelsFn(beam.DoFn):
         labeled.clear()
         expiry.clear()
         self._joined.inc()
-        yield {prediction.TRUE_LABEL: truth, prediction.LABEL: guess[0], prediction.MODEL_VERSION: guess[1]}
+        label, model_version, event_time = guess
+        yield TimestampedValue(
+            {prediction.TRUE_LABEL: truth, prediction.LABEL: label, prediction.MODEL_VERSION: model_version},
+            event_time)
 
     @on_timer(EXPIRY)
     def expire(self, predicted=beam.DoFn.StateParam(PREDICTION_STATE),
@@ -137,33 +160,8 @@ class JoinLabelsFn(beam.DoFn):
         return []
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluationReport:
-    """Accuracy of the predictions whose labels arrived since the previous report.
-
-    Attributes:
-      count: Labeled predictions scored.
-      accuracy: Their accuracy (``model_lib.metrics``).
-      per_class_recall: Recall per label over the model's full label list.
-      model_versions: The versions that made them.
-    """
-
-    count: int
-    accuracy: float
-    per_class_recall: dict[str, float]
-    model_versions: list[str]
-    kind: str = "evaluation"
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "EvaluationReport":
-        return cls(**json.loads(text))
-
-
 class ScorePaneFn(beam.DoFn):
-    """Confusion counts of one pane -> an ``EvaluationReport``, and an alert below the threshold."""
+    """Confusion counts of one window, as of one pane -> an ``EvaluationReport``, and an alert below the threshold."""
 
     ALERTS = "alerts"
 
@@ -171,13 +169,15 @@ class ScorePaneFn(beam.DoFn):
         self._labels = list(labels)
         self._threshold = accuracy_threshold
 
-    def process(self, counts: dict[str, Any]) -> Iterable[EvaluationReport | beam.pvalue.TaggedOutput]:
+    def process(self, counts: dict[str, Any], window_=beam.DoFn.WindowParam,
+                pane=beam.DoFn.PaneInfoParam) -> Iterable[EvaluationReport | beam.pvalue.TaggedOutput]:
         confusion = counts["confusion"]
         if not confusion:
             return
         report = evaluation_report(counts, self._labels)
         versions = sorted({v for v in counts.get("versions", ())})
         result = EvaluationReport(
+            **window_fields(window_, pane),
             count=report.count,
             accuracy=report.accuracy,
             per_class_recall={label: metrics.recall for label, metrics in report.per_class.items()},
@@ -186,7 +186,8 @@ class ScorePaneFn(beam.DoFn):
         yield result
         if self._threshold is not None and result.accuracy < self._threshold:
             yield beam.pvalue.TaggedOutput(self.ALERTS, DeadLetter(
-                input_ref=f"evaluation of {result.count} labeled predictions", stage=EVAL_STAGE,
+                input_ref=f"evaluation of {result.count} labeled predictions in {window_name(result)}",
+                stage=EVAL_STAGE,
                 error_type=ACCURACY_ALERT,
                 message=f"accuracy {result.accuracy:.4f} < threshold {self._threshold}"))
 
@@ -215,17 +216,21 @@ class EvaluateWithLateLabels(beam.PTransform):
 
     Args:
       labels: The model's labels (every one is scored).
-      timeout_secs: How long one side of the join waits for the other.
-      interval_secs: Processing-time seconds between two reports (whole seconds).
+      timeout_secs: How long one side of the join waits for the other (processing time).
+      window_secs: Event-time length of an evaluation window (whole seconds).
+      refresh_secs: Processing-time seconds between two early (or two late) panes of a window.
+      allowed_lateness_secs: The predictions' allowed lateness; windows take joined pairs
+        ``timeout_secs`` longer (see the module docstring).
       accuracy_threshold: Alert when a report's accuracy is below it (None: never).
     """
 
-    def __init__(self, labels: Sequence[str], *, timeout_secs: float, interval_secs: int,
-                 accuracy_threshold: float | None):
+    def __init__(self, labels: Sequence[str], *, timeout_secs: float, window_secs: int, refresh_secs: int,
+                 allowed_lateness_secs: int, accuracy_threshold: float | None):
         super().__init__()
         self._labels = list(labels)
         self._timeout_secs = timeout_secs
-        self._interval_secs = interval_secs
+        self._windows = report_windows(window_secs, refresh_secs=refresh_secs,
+                                       allowed_lateness_secs=allowed_lateness_secs + math.ceil(timeout_secs))
         self._threshold = accuracy_threshold
 
     def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]):
@@ -235,15 +240,17 @@ class EvaluateWithLateLabels(beam.PTransform):
             (keyed, labels)
             | "MergeJoinInputs" >> beam.Flatten()
             | "JoinLabels" >> beam.ParDo(JoinLabelsFn(self._timeout_secs))
-            | "PaneEveryInterval" >> beam.WindowInto(
-                window.GlobalWindows(),
-                trigger=trigger.Repeatedly(trigger.AfterProcessingTime(self._interval_secs)),
-                accumulation_mode=trigger.AccumulationMode.DISCARDING)
+            | "WindowByPredictionTime" >> self._windows
             | "CountConfusions" >> beam.CombineGlobally(_VersionedConfusionCountsFn(None)).without_defaults()
             | "ScorePanes" >> beam.ParDo(ScorePaneFn(self._labels, self._threshold)).with_outputs(
                 ScorePaneFn.ALERTS, main="reports")
         )
         return scored.reports, scored[ScorePaneFn.ALERTS]
+
+
+def window_name(report: MonitoringReport | EvaluationReport) -> str:
+    """How an alert names its report's window and pane: ``window [START, END) (PANE pane)``."""
+    return f"window [{report.window_start}, {report.window_end}) ({report.pane} pane)"
 
 
 def training_distribution(dataset_dir: str) -> dict[str, float]:
@@ -286,7 +293,7 @@ class DriftAlertFn(beam.DoFn):
         distance = total_variation(report.label_counts, self._expected)
         if distance > self._threshold:
             yield DeadLetter(
-                input_ref=f"{report.count} predictions reported at {report.emitted_at}", stage=EVAL_STAGE,
+                input_ref=f"{report.count} predictions in {window_name(report)}", stage=EVAL_STAGE,
                 error_type=DRIFT_ALERT,
                 message=f"predicted-label distribution is {distance:.3f} (total variation) from training's; "
                         f"threshold {self._threshold}; counts {report.label_counts}")

@@ -35,10 +35,10 @@ from schemas import model_artifacts, prediction, stream_prediction
 from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import POINTER_FILE, write_file_atomically
+from schemas.stream_prediction import PANE_LATE, EvaluationReport, MonitoringReport, latest_per_window, report_from_json
 from tests.fixtures.image_corpus import undecodable_png
 from transforms import images, model_refresh, pubsub_io, stream_probe, streaming_eval
 from transforms.model_handler import INFERENCE_FAILED
-from transforms.stream_monitoring import MonitoringReport
 
 MESSAGES = 200
 MAX_PIXELS = 1_000_000
@@ -120,26 +120,35 @@ def collect(pubsub_emulator, subscription: str, count: int, timeout_s: float = C
     return received
 
 
-def collect_reports(pubsub_emulator, input_topic: str, subscription: str, predictions: int,
-                    timeout_s: float = 90.0) -> list[MonitoringReport]:
-    """Monitoring reports until they cover ``predictions``.
+def collect_reports(pubsub_emulator, nudge_topics: list[str], subscription: str, predictions: int, labeled: int = 0,
+                    timeout_s: float = 150.0) -> tuple[list[MonitoringReport], list[EvaluationReport]]:
+    """Each window's monitoring and evaluation report (its latest pane) once they cover ``predictions`` and
+    ``labeled`` predictions.
 
-    A processing-time pane fires only when the local runner runs again, so an
-    idle input is nudged with one (malformed, dead-lettered) message a second.
+    A processing-time pane fires only when the local runner runs again, so
+    idle inputs are nudged with one (malformed, dead-lettered or never joined)
+    message a second.
     """
-    reports: list[MonitoringReport] = []
+    monitoring: list[MonitoringReport] = []
+    evaluations: list[EvaluationReport] = []
     deadline = time.monotonic() + timeout_s
+
+    def covered(reports: list) -> int:
+        return sum(report.count for report in latest_per_window(reports))
+
     with pubsub_emulator.subscriber() as subscriber:
-        while sum(r.count for r in reports) < predictions and time.monotonic() < deadline:
-            publish(pubsub_emulator, input_topic, [(b"nudge", {})])
+        while (covered(monitoring) < predictions or covered(evaluations) < labeled) and time.monotonic() < deadline:
+            for topic in nudge_topics:
+                publish(pubsub_emulator, topic, [(b"nudge", {})])
             response = subscriber.pull(request={"subscription": subscription, "max_messages": 100}, timeout=10)
             if response.received_messages:
                 subscriber.acknowledge(request={"subscription": subscription,
                                                 "ack_ids": [m.ack_id for m in response.received_messages]})
-                reports.extend(MonitoringReport.from_json(m.message.data.decode("utf-8"))
-                               for m in response.received_messages)
+                for message in response.received_messages:
+                    report = report_from_json(message.message.data)
+                    (monitoring if isinstance(report, MonitoringReport) else evaluations).append(report)
             time.sleep(1)
-    return reports
+    return latest_per_window(monitoring), latest_per_window(evaluations)
 
 
 def rows_of(messages: list[Any]) -> list[dict[str, Any]]:
@@ -210,11 +219,11 @@ def test_every_message_gives_one_prediction_equal_to_the_saved_model_and_bad_one
         started = time.time()
         with running_job(pubsub_emulator, paths, trained_digits_model, "--message_format", "json_base64",
                          "--max_batch_size", "8", "--metrics_topic", metrics_topic,
-                         "--monitoring_interval_secs", "2"):
+                         "--monitoring_interval_secs", "2", "--report_refresh_secs", "1"):
             ids = publish(pubsub_emulator, paths["input"], messages)
             outputs = collect(pubsub_emulator, paths["output_sub"], MESSAGES)
             dead = collect(pubsub_emulator, paths["dead_sub"], len(bad))
-            reports = collect_reports(pubsub_emulator, paths["input"], metrics_sub, MESSAGES)
+            reports, _ = collect_reports(pubsub_emulator, [paths["input"]], metrics_sub, MESSAGES)
 
     rows = rows_of(outputs)
     assert len(rows) == MESSAGES
@@ -364,6 +373,8 @@ def read_table(bigquery_emulator, table: str, count: int, timeout_s: float = 60)
     (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
       "--dead_letter_topic", "projects/p/topics/dlq", "--drift_min_predictions", "0"], "drift_min_predictions=0"),
     (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
+      "--dead_letter_topic", "projects/p/topics/dlq", "--report_refresh_secs", "0"], "report_refresh_secs=0"),
+    (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
       "--dead_letter_topic", "projects/p/topics/dlq", "--message_fromat", "raw_bytes"], "--message_format"),
 ])
 def test_bad_flags_end_in_one_line_and_exit_2(argv, fragment, capsys):
@@ -386,7 +397,7 @@ def test_late_labels_join_into_windowed_accuracy_and_shifted_predictions_raise_d
         labels_sub = pubsub_emulator.create_subscription(labels_topic)
         with running_job(pubsub_emulator, paths, trained_digits_model, "--message_format", "json_base64",
                          "--metrics_topic", metrics_topic, "--monitoring_interval_secs", "2",
-                         "--labels_subscription", labels_sub, "--eval_interval_secs", "2",
+                         "--labels_subscription", labels_sub, "--eval_interval_secs", "2", "--report_refresh_secs", "1",
                          "--accuracy_alert_threshold", "0.99",
                          "--dataset_dir", digits_dataset.dataset_dir, "--drift_alert_threshold", "0.5",
                          "--drift_min_predictions", "1"):  # 20 images spread over 2 s reports.
@@ -399,7 +410,8 @@ def test_late_labels_join_into_windowed_accuracy_and_shifted_predictions_raise_d
             with stream_probe.waking(pubsub_emulator.publisher(), {labels_topic: wake_label}):
                 rows = rows_of(collect(pubsub_emulator, paths["output_sub"], len(truth)))
             publish(pubsub_emulator, labels_topic, [(json_message(image_id=k, label=v), {}) for k, v in truth.items()])
-            evaluations = collect_evaluations(pubsub_emulator, [paths["input"], labels_topic], metrics_sub, len(truth))
+            _, evaluations = collect_reports(pubsub_emulator, [paths["input"], labels_topic], metrics_sub,
+                                             len(truth), labeled=len(truth))
             alerts = letters_of(collect(pubsub_emulator, paths["dead_sub"], 100, timeout_s=5))
 
     predicted = {row["image_id"]: row["label"] for row in rows}
@@ -413,25 +425,66 @@ def test_late_labels_join_into_windowed_accuracy_and_shifted_predictions_raise_d
     assert kinds == {streaming_eval.ACCURACY_ALERT, streaming_eval.DRIFT_ALERT}
 
 
-def collect_evaluations(pubsub_emulator, nudge_topics: list[str], subscription: str, labeled: int,
-                        timeout_s: float = 150.0) -> list[streaming_eval.EvaluationReport]:
-    """Evaluation reports on the metrics topic until they cover ``labeled`` predictions (nudging both inputs)."""
-    found: list[streaming_eval.EvaluationReport] = []
-    deadline = time.monotonic() + timeout_s
-    with pubsub_emulator.subscriber() as subscriber:
-        while sum(e.count for e in found) < labeled and time.monotonic() < deadline:
-            for topic in nudge_topics:
-                publish(pubsub_emulator, topic, [(b"nudge", {})])
-            response = subscriber.pull(request={"subscription": subscription, "max_messages": 100}, timeout=10)
-            if response.received_messages:
-                subscriber.acknowledge(request={"subscription": subscription,
-                                                "ack_ids": [m.ack_id for m in response.received_messages]})
-                for message in response.received_messages:
-                    body = json.loads(message.message.data.decode("utf-8"))
-                    if body.get("kind") == "evaluation":
-                        found.append(streaming_eval.EvaluationReport(**body))
-            time.sleep(1)
-    return found
+EVENT_TIME_ATTRIBUTE = "event_ms"
+REPORT_WINDOW_SECS = 60
+
+
+def test_reports_count_exactly_their_event_time_windows_and_late_labels_score_in_their_predictions_window(
+    pubsub_emulator, trained_digits_model, digit_files
+):
+    # Event times (the --timestamp_attribute) in two one-minute windows 20 minutes back: every message is
+    # behind the watermark on arrival, yet counts in its own window, and so does its label.
+    start = (int(time.time()) // REPORT_WINDOW_SECS - 20) * REPORT_WINDOW_SECS
+    windows = {start: 7, start + REPORT_WINDOW_SECS: 5}  # Window start -> messages in it.
+    event_ms = [1000 * (window + 3 + 4 * i) for window, count in windows.items() for i in range(count)]
+    chosen = digit_files[:len(event_ms)]
+    ids = [f"windowed-{i}" for i in range(len(chosen))]
+    truth = {image_id: os.path.basename(os.path.dirname(path)) for image_id, (path, _) in zip(ids, chosen)}
+    for image_id in (ids[0], ids[1], ids[-1]):  # Wrong labels: two in the first window, one in the second.
+        truth[image_id] = str((int(truth[image_id]) + 1) % 10)
+    with topics(pubsub_emulator) as paths:
+        metrics_topic = pubsub_emulator.create_topic()
+        metrics_sub = pubsub_emulator.create_subscription(metrics_topic)
+        labels_topic = pubsub_emulator.create_topic()
+        labels_sub = pubsub_emulator.create_subscription(labels_topic)
+        with running_job(pubsub_emulator, paths, trained_digits_model, "--message_format", "json_base64",
+                         "--timestamp_attribute", EVENT_TIME_ATTRIBUTE, "--metrics_topic", metrics_topic,
+                         "--monitoring_interval_secs", str(REPORT_WINDOW_SECS),
+                         "--eval_interval_secs", str(REPORT_WINDOW_SECS), "--report_refresh_secs", "1",
+                         "--allowed_lateness_secs", "3600", "--labels_subscription", labels_sub):
+            publish(pubsub_emulator, paths["input"], [
+                (json_message(image_id=image_id, image_base64=b64(data)), {EVENT_TIME_ATTRIBUTE: str(ms)})
+                for image_id, (_, data), ms in zip(ids, chosen, event_ms)])
+            wake_label = json_message(image_id="wake-up-never-predicted", label="0")
+            with stream_probe.waking(pubsub_emulator.publisher(), {labels_topic: wake_label}):
+                rows = rows_of(collect(pubsub_emulator, paths["output_sub"], len(ids)))
+            publish(pubsub_emulator, labels_topic, [(json_message(image_id=k, label=v), {}) for k, v in truth.items()])
+            monitoring, evaluations = collect_reports(pubsub_emulator, [paths["input"], labels_topic], metrics_sub,
+                                                      len(ids), labeled=len(ids))
+
+    by_id = {row["image_id"]: row for row in rows}
+    assert sorted(by_id) == sorted(ids)
+    window_of = {}
+    for image_id, ms in zip(ids, event_ms):  # The attribute is each row's event time, so its window.
+        assert datetime.datetime.fromisoformat(by_id[image_id]["event_time"]).timestamp() == ms / 1000
+        window_of[image_id] = iso(ms // 1000 - ms // 1000 % REPORT_WINDOW_SECS)
+    want_windows = [(iso(window), iso(window + REPORT_WINDOW_SECS)) for window in windows]
+    assert [(r.window_start, r.window_end) for r in monitoring] == want_windows
+    assert [(r.window_start, r.window_end) for r in evaluations] == want_windows
+    for report in monitoring:
+        mine = [by_id[image_id] for image_id in ids if window_of[image_id] == report.window_start]
+        assert report.count == len(mine) == windows[int(datetime.datetime.fromisoformat(report.window_start)
+                                                        .timestamp())]
+        assert report.label_counts == dict(collections.Counter(row["label"] for row in mine))
+    for report in evaluations:
+        mine = [image_id for image_id in ids if window_of[image_id] == report.window_start]
+        assert report.count == len(mine)
+        assert report.accuracy == pytest.approx(sum(by_id[k]["label"] == truth[k] for k in mine) / len(mine))
+    assert {r.pane for r in monitoring + evaluations} == {PANE_LATE}
+
+
+def iso(epoch_s: int) -> str:
+    return datetime.datetime.fromtimestamp(epoch_s, datetime.timezone.utc).isoformat()
 
 
 def test_dataflow_defaults_to_streaming_engine_and_throughput_autoscaling_within_max_workers():
