@@ -73,6 +73,7 @@ MAX_REORDER_FRACTION = 0.05
 LARGE_TRAINING_POINTS_PER_LEAF = 400
 SCANN_DEFAULT_MIN_PARTITION_SIZE = 50
 MIN_PARTITION_SIZES = (MIN_PARTITION_SIZE, SCANN_DEFAULT_MIN_PARTITION_SIZE)
+PROBE_QPS_MARGIN = 1.2
 
 
 class TargetRecallNotMet(RuntimeError):
@@ -414,9 +415,14 @@ def choose_partitioning(vectors: np.ndarray, image_ids: Sequence[str], params: S
     (``build_probe(params)``: the tree over exact scoring,
     ``retrieval.scann_compat.build_partition_probe``) and swept over leaves
     searched within the bounds, on the shard's own held-out rows with the
-    index tuning's margin; the candidate whose fewest leaves that reach the
-    target search fastest is kept, or, when none reaches it, the one with the
-    best recall at the most leaves (the index's tuning then fails loudly).
+    index tuning's margin. Kept: the candidate that reaches the target at the
+    fewest leaves (recall is deterministic, and with the same number of
+    leaves, fewer searched is less work); among those, an earlier one (the
+    default first) unless a later one is more than ``PROBE_QPS_MARGIN`` times
+    as fast (the same setting's QPS varies by more than 1.3x between runs on a
+    shared machine, so smaller differences are noise). When none reaches the
+    target, the one with the best recall at the most leaves is kept (the
+    index's tuning then fails loudly).
 
     Why probes: what a partitioning changes is which neighbours sit in the
     leaves searched and how many points those leaves hold, and a probe
@@ -438,7 +444,7 @@ def choose_partitioning(vectors: np.ndarray, image_ids: Sequence[str], params: S
     bounds = sweep_bounds(k, params.num_leaves, None)
     held_out = _HeldOut.of(vectors, image_ids, k, target_recall, None)
     trials: list[PartitionTrial] = []
-    best: tuple[tuple[bool, float], ScannParams] | None = None
+    best: tuple[PartitionTrial, ScannParams] | None = None
     for sample, min_size in partition_candidates(len(vectors), params):
         candidate = dataclasses.replace(params, training_sample_size=sample, min_partition_size=min_size)
         started = time.monotonic()
@@ -450,11 +456,21 @@ def choose_partitioning(vectors: np.ndarray, image_ids: Sequence[str], params: S
                                round(chosen.recall, 6), round(chosen.qps, 1), result.best is not None)
         trials.append(trial)
         _LOGGER.info("partition trial: %s", trial)
-        rank = (trial.met_target, trial.qps if trial.met_target else trial.recall)
-        if best is None or rank > best[0]:
-            best = (rank, candidate)
+        if best is None or _better_partitioning(trial, best[0]):
+            best = (trial, candidate)
     assert best is not None  # partition_candidates always returns the default pair.
     return best[1], trials
+
+
+def _better_partitioning(trial: PartitionTrial, kept: PartitionTrial) -> bool:
+    """Whether ``trial`` replaces the partitioning kept so far (``choose_partitioning``)."""
+    if trial.met_target != kept.met_target:
+        return trial.met_target
+    if not trial.met_target:
+        return trial.recall > kept.recall
+    if trial.leaves_to_search != kept.leaves_to_search:
+        return (trial.leaves_to_search or 0) < (kept.leaves_to_search or 0)
+    return trial.qps > PROBE_QPS_MARGIN * kept.qps
 
 
 def package_version() -> str:
