@@ -2,7 +2,10 @@
 
 Beam 2.77's DirectRunner first tries to download the Prism runner, which hangs
 or fails offline. Local runs therefore default to the FnApiRunner (batch) or
-the BundleBasedDirectRunner (streaming). Every runner the user does name
+the BundleBasedDirectRunner (streaming); a batch run with
+``--direct_running_mode multi_processing`` gets ``LOCAL_MULTI_PROCESS_RUNNER``,
+the FnApiRunner that fails the job when an SDK worker process dies instead of
+hanging (``transforms.worker_watchdog``). Every runner the user does name
 (DataflowRunner, SparkRunner, FlinkRunner, PortableRunner, ...) and every other
 standard option passes through untouched.
 
@@ -26,6 +29,7 @@ import os
 import sys
 
 from apache_beam.options.pipeline_options import (
+    DirectOptions,
     GoogleCloudOptions,
     PipelineOptions,
     SetupOptions,
@@ -41,6 +45,8 @@ _LOGGER = logging.getLogger(__name__)
 
 LOCAL_BATCH_RUNNER = "FnApiRunner"
 LOCAL_STREAMING_RUNNER = "BundleBasedDirectRunner"
+# Beam creates a runner named by its import path; the module is imported only for such runs.
+LOCAL_MULTI_PROCESS_RUNNER = "transforms.worker_watchdog.WatchedFnApiRunner"
 _DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 # Beam's validator treats a Dataflow endpoint on localhost as "not the service" and skips the
 # checks that only matter for a submission (and reach GCS to create a default bucket).
@@ -94,7 +100,8 @@ def make_pipeline_options(
       streaming: Whether the job is a streaming job.
 
     Returns:
-      Options with a runner always set and ``WORKER_REDACTION_PLUGIN`` among
+      Options with a runner always set (the local one by the policy in the
+      module docstring) and ``WORKER_REDACTION_PLUGIN`` among
       ``--beam_plugins``; DataflowRunner also gets the package's setup.py as
       ``--setup_file`` when the user gave none, so workers can import this
       project's DoFns. Log records and uncaught tracebacks of this process
@@ -120,7 +127,7 @@ def make_pipeline_options(
     if streaming:
         standard.streaming = True
     if not standard.runner:
-        standard.runner = LOCAL_STREAMING_RUNNER if streaming else LOCAL_BATCH_RUNNER
+        standard.runner = _local_runner(options, streaming)
     if _is_dataflow(options):
         if setup.setup_file:  # Beam stages a bare "setup.py" from os.path.dirname(""), which fails.
             setup.setup_file = os.path.abspath(setup.setup_file)
@@ -133,6 +140,14 @@ def make_pipeline_options(
                     "workers will not have this project's code."
                 )
     return options
+
+
+def _local_runner(options: PipelineOptions, streaming: bool) -> str:
+    if streaming:
+        return LOCAL_STREAMING_RUNNER
+    if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        return LOCAL_MULTI_PROCESS_RUNNER
+    return LOCAL_BATCH_RUNNER
 
 
 def _is_dataflow(options: PipelineOptions) -> bool:

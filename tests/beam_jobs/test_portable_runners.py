@@ -56,7 +56,7 @@ from schemas.dataset_info import DatasetInfo
 from schemas.leaderboard import Leaderboard
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import published_dir
-from transforms.runner_policy import LOCAL_BATCH_RUNNER, make_pipeline_options
+from transforms.runner_policy import LOCAL_MULTI_PROCESS_RUNNER, make_pipeline_options
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -142,7 +142,7 @@ def other_run(sample: sample_data.SampleData, default_run: dict[str, str], porta
 
 def test_runner_policy_keeps_the_fn_api_runner_for_multi_processing() -> None:
     options = make_pipeline_options(MULTI_PROCESS_FLAGS, job_options=PipelineOptions)
-    assert options.view_as(StandardOptions).runner == LOCAL_BATCH_RUNNER
+    assert options.view_as(StandardOptions).runner == LOCAL_MULTI_PROCESS_RUNNER  # The FnApiRunner that fails on a dead worker.
     direct = options.view_as(DirectOptions)
     assert (direct.direct_num_workers, direct.direct_running_mode) == (2, "multi_processing")
 

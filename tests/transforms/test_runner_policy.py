@@ -17,8 +17,15 @@ from apache_beam.options.pipeline_options import (
     SetupOptions,
     StandardOptions,
 )
+from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.runner_policy import FlagError, UnknownFlagError, make_pipeline_options, tolerate_shared_flags
+from transforms.runner_policy import (
+    LOCAL_MULTI_PROCESS_RUNNER,
+    FlagError,
+    UnknownFlagError,
+    make_pipeline_options,
+    tolerate_shared_flags,
+)
 
 
 class TileOptions(PipelineOptions):
@@ -55,6 +62,29 @@ def test_local_defaults_never_use_the_prism_downloading_direct_runner():
     assert make_pipeline_options([], job_options=PipelineOptions).view_as(StandardOptions).runner == "FnApiRunner"
     streaming = make_pipeline_options([], job_options=PipelineOptions, streaming=True).view_as(StandardOptions)
     assert streaming.runner == "BundleBasedDirectRunner" and streaming.streaming
+
+
+@pytest.mark.parametrize("flags, streaming, runner", [
+    (["--direct_running_mode", "multi_processing"], False, LOCAL_MULTI_PROCESS_RUNNER),
+    (["--direct_running_mode=multi_threading"], False, "FnApiRunner"),
+    (["--direct_running_mode", "multi_processing"], True, "BundleBasedDirectRunner"),
+    (["--runner", "FnApiRunner", "--direct_running_mode", "multi_processing"], False, "FnApiRunner"),
+])
+def test_only_a_local_multi_process_batch_run_gets_the_runner_that_fails_on_a_dead_worker(flags, streaming, runner):
+    options = make_pipeline_options(flags, job_options=PipelineOptions, streaming=streaming)
+    assert options.view_as(StandardOptions).runner == runner
+
+
+def test_a_multi_process_run_that_loses_no_worker_is_unchanged(caplog):
+    options = make_pipeline_options(["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"],
+                                    job_options=PipelineOptions)
+    pipeline = beam.Pipeline(options=options)
+    assert type(pipeline.runner).__name__ == "WatchedFnApiRunner"
+    squares = pipeline | beam.Create(range(40)) | beam.Reshuffle() | beam.Map(lambda x: x * x)
+    assert_that(squares | beam.CombineGlobally(sum), equal_to([sum(x * x for x in range(40))]))
+    with caplog.at_level(logging.INFO, logger="transforms.worker_watchdog"):
+        assert pipeline.run().wait_until_finish() == "DONE"
+    assert not [r for r in caplog.records if r.name == "transforms.worker_watchdog"]  # A normal shutdown is no death.
 
 
 def test_named_runners_and_their_options_pass_through_untouched():
