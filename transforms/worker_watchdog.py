@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -51,6 +52,7 @@ _LOGGER = logging.getLogger(__name__)
 
 # The subprocess SDK environment, as run by this module's handler.
 WATCHED_SUBPROCESS_URN = "vision_pipelines:env:watched_harness_subprocess_python:v1"
+_FAIL_LATER_WORK_EVERY_S = 0.2
 
 
 class WorkerDiedError(RuntimeError):
@@ -118,7 +120,7 @@ class WatchedSubprocessSdkWorkerHandler(worker_handlers.SubprocessSdkWorkerHandl
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
-        self._closing = False
+        self._closing = threading.Event()
         self.death: WorkerDiedError | None = None
         self._run_deaths: list[WorkerDiedError] | None = getattr(_current_run, "deaths", None)
 
@@ -131,27 +133,46 @@ class WatchedSubprocessSdkWorkerHandler(worker_handlers.SubprocessSdkWorkerHandl
 
     def _watch(self) -> None:
         self.worker.started.wait()
-        if self.worker.process is not None:  # Else Popen itself failed; Beam's thread reports it.
-            self.worker.process.wait()
-            self._note_death()
+        if self.worker.process is None:  # Popen itself failed; Beam's thread reports it.
+            return
+        self.worker.process.wait()
+        self._note_death()
+        # Work the runner gives the dead worker later must fail too, until the runner closes it.
+        while self.death is not None and not self._closing.wait(_FAIL_LATER_WORK_EVERY_S):
+            self._fail_work()
 
     def _note_death(self) -> None:
-        """Fails the worker's pending and later work if its process exited before ``close``."""
+        """Fails the worker's work if its process exited before ``close``."""
         process = self.worker.process
         with self._lock:
-            if self._closing or self.death is not None or process is None or process.poll() is None:
+            if self._closing.is_set() or self.death is not None or process is None or process.poll() is None:
                 return
             self.death = WorkerDiedError(f"{describe_exit(process.pid, process.returncode)} ({self.worker_id})")
             if self._run_deaths is not None:
                 self._run_deaths.append(self.death)
         _LOGGER.error("%s; failing its bundles", self.death)
-        self.data_conn._exception = self.death  # Raised by input_elements within a second.
-        self.control_conn.abort(self.death)  # Raised by every pending instruction's get().
+        self.data_conn._exception = self.death  # Raised by input_elements (waiting for outputs) within a second.
+        self._fail_work()
+
+    def _fail_work(self) -> None:
+        """Aborts the pending instructions and discards the data queued for the dead worker.
+
+        An aborted instruction raises the death in the runner thread waiting
+        for it; the discarded data keeps a runner thread sending a bundle's
+        inputs from blocking on the dead worker's full send queue.
+        """
+        for future in list(self.control_conn._futures_by_id.values()):
+            future.abort(self.death)
+        try:
+            while True:
+                self.data_conn._to_send.get_nowait()
+        except queue.Empty:
+            pass
 
     def close(self) -> None:
         self._note_death()  # A process already gone when the runner closes it died on its own.
         with self._lock:
-            self._closing = True
+            self._closing.set()
         if self.death is None:
             super().close()
             return
