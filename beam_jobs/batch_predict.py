@@ -43,6 +43,7 @@ from apache_beam.runners.runner import PipelineResult
 from schemas import counters, layout, prediction
 from schemas.exit_status import UNUSABLE_INPUT_EXIT, UnusableInputError
 from schemas.publication import OutputExistsError, OutputRun
+from schemas.redaction import redacted_console
 from schemas.warehouse import WAREHOUSE_KINDS, WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
 from transforms import model_handler
 from transforms.dead_letters import WriteDeadLetters, counter_total
@@ -279,4 +280,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    sys.exit(main(sys.argv[1:]))
+    with redacted_console():
+        sys.exit(main(sys.argv[1:]))

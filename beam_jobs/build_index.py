@@ -46,6 +46,7 @@ from schemas.exit_status import UnusableInputError
 from schemas.index import IndexInfo
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import OutputExistsError, OutputRun, published_dir
+from schemas.redaction import redacted_console
 from transforms.dead_letters import WriteDeadLetters, counter_total
 from transforms.index_building import (
     INDEXED_COUNTER,
@@ -255,4 +256,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    sys.exit(main(sys.argv[1:]))
+    with redacted_console():
+        sys.exit(main(sys.argv[1:]))

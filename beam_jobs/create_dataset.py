@@ -34,6 +34,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from schemas import dataset, layout
 from schemas.dataset_info import DatasetInfo, DatasetWarning
 from schemas.publication import OutputExistsError, OutputRun, published_dir
+from schemas.redaction import redacted_console
 from transforms.dataset_records import BuildRecords, DedupeByContent, LoadImages
 from transforms.dataset_summary import DatasetWarningsError, WriteDatasetInfo, refuse_warnings
 from transforms.dataset_writing import WriteDatasetSplits
@@ -396,4 +397,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    raise SystemExit(main())
+    with redacted_console():
+        raise SystemExit(main())

@@ -43,6 +43,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from beam_jobs.console import Tee, configure_logging, quiet_stderr, tail
+from schemas.redaction import redacted_console
 
 if TYPE_CHECKING:
     from schemas.leaderboard import Leaderboard
@@ -622,4 +623,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with redacted_console():
+        sys.exit(main())

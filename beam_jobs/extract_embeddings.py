@@ -45,6 +45,7 @@ from schemas import counters
 from schemas import embedding as embedding_schema
 from schemas.exit_status import UNUSABLE_INPUT_EXIT, UnusableInputError
 from schemas.publication import OutputExistsError, OutputRun
+from schemas.redaction import redacted_console
 from schemas.warehouse import WRITE_DISPOSITIONS, parse_warehouse_uri, run_artifacts_root
 from transforms.dead_letters import WriteDeadLetters, counter_total
 from transforms.embedding_rows import EMBEDDED_COUNTER, ExtractEmbeddings
@@ -203,4 +204,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    sys.exit(main(sys.argv[1:]))
+    with redacted_console():
+        sys.exit(main(sys.argv[1:]))

@@ -11,6 +11,7 @@ import argparse
 import logging
 
 from model_lib import sample_data
+from schemas.redaction import redacted_console
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,4 +44,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    raise SystemExit(main())
+    with redacted_console():
+        raise SystemExit(main())

@@ -49,6 +49,7 @@ from schemas.exit_status import UnusableInputError
 from schemas.index import IndexInfo
 from schemas.near_duplicates import NEAR_DUPLICATES_TABLE
 from schemas.publication import published_dir
+from schemas.redaction import redacted_console
 from schemas.warehouse import WRITE_DISPOSITIONS, WriteDisposition, parse_warehouse_uri
 from transforms.dead_letters import counter_total
 from transforms.near_duplicates import (
@@ -200,4 +201,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    sys.exit(main(sys.argv[1:]))
+    with redacted_console():
+        sys.exit(main(sys.argv[1:]))

@@ -40,6 +40,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from retrieval.searcher import ImageSearcher, SearchHit, UnknownImageId
 from schemas.exit_status import UNUSABLE_INPUT_EXIT, USAGE_ERROR_EXIT
+from schemas.redaction import redacted_console
 
 OutputFormat = Literal["table", "json", "csv"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "json", "csv")
@@ -151,4 +152,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(main())
+    with redacted_console():
+        sys.exit(main())

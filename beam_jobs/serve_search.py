@@ -28,6 +28,7 @@ import sys
 
 from retrieval.search_service import DEFAULT_MAX_UPLOAD_BYTES, create_app
 from retrieval.searcher import ImageSearcher
+from schemas.redaction import redacted_console
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -92,4 +93,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
+    with redacted_console():
+        sys.exit(main())

@@ -62,6 +62,7 @@ from retrieval.sql_queries import (
     run_sql,
 )
 from schemas.exit_status import UNUSABLE_INPUT_EXIT, USAGE_ERROR_EXIT
+from schemas.redaction import redacted_console
 
 OutputFormat = Literal["table", "csv", "json"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "csv", "json")
@@ -244,4 +245,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(main())
+    with redacted_console():
+        sys.exit(main())

@@ -67,6 +67,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from apache_beam.runners.runner import PipelineResult
 
 from schemas import counters
+from schemas.redaction import redacted_console
 from schemas.stream_prediction import MESSAGE_ID, STREAM_PREDICTIONS_TABLE
 from transforms import streaming_eval
 from transforms.bigquery_inserts import InsertRowsWithIds
@@ -381,4 +382,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    sys.exit(main(sys.argv[1:]))
+    with redacted_console():
+        sys.exit(main(sys.argv[1:]))

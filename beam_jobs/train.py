@@ -42,6 +42,7 @@ from schemas.dataset_info import DatasetInfo
 from schemas.exit_status import UnusableInputError
 from schemas.leaderboard import Leaderboard
 from schemas.publication import published_dir
+from schemas.redaction import redacted_console
 from transforms.dataset_checks import trainability_problem
 from transforms.dead_letters import WriteDeadLetters
 from transforms.runner_policy import (
@@ -257,4 +258,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    raise SystemExit(main())
+    with redacted_console():
+        raise SystemExit(main())
