@@ -175,7 +175,7 @@ class BuildShardFn(beam.DoFn):
         kept, letters = dedupe_image_ids(unpack_row(row) for row in rows)
         yield from letters
         info = index_build.build_shard(self._spec.run_dir, shard, self._spec.num_shards, kept,
-                                       self._spec.dimension, self._spec.k)
+                                       self._spec.dimension, self._spec.k, target_recall=self._spec.target_recall)
         self._indexed.inc(info.count)
         yield info
 
