@@ -87,9 +87,10 @@ def fault_report(results: list[tuple[faults.FaultFigures, bool]], command: str) 
     for figures, equal in results:
         lines.append(f"| {figures.scenario} | {figures.items_in} | {figures.items_out} | {figures.duplicates} | "
                      f"{figures.lost} | {'yes' if equal else '**no**'} | {figures.detail} |")
-    lines += ["", "A killed SDK worker makes Beam's local multi-process runner wait forever: the job never fails on "
-              "its own, so such runs go under `timeout` (the scenario stops it 10 s after the kill). Nothing of "
-              "the killed run is published, and the rerun with `--overwrite` gives the fault-free dataset."]
+    lines += ["", "A killed SDK worker fails the job by itself: the runner policy's `WatchedFnApiRunner` "
+              "(`transforms/worker_watchdog.py`) notices the worker process exited and raises `WorkerDiedError` "
+              "naming its pid and signal (Beam 2.77's plain local runner waits forever). Nothing of the killed run "
+              "is published, and the rerun with `--overwrite` gives the fault-free dataset."]
     return "\n".join(lines)
 
 
