@@ -15,6 +15,13 @@ embedding jobs share the handler. ``PredictImages`` wraps ``RunInference`` with
 dead letters: a batch that fails is retried element by element so one bad
 image cannot sink its batch-mates.
 
+The retry happens inside the handler's ``run_inference`` (a failed image
+comes out as a ``FailedInference`` and is split off right after), not on
+``RunInference``'s failed-batch output merged back with a ``Flatten``: Beam
+2.77's FnApiRunner never fuses a multi-input Flatten (``sink_flattens``
+materializes it), so that merge held every prediction of the run in the
+runner's memory, about 5 KiB per image (benchmarks/memory_growth.py).
+
 Batching loses element timestamps: Beam 2.77's ``BatchElements`` emits a
 global-window batch at the end of the global window, and its stateful
 (``max_batch_duration_secs``) path at whatever flushed the buffer. So an input
@@ -26,6 +33,7 @@ prediction at its own time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -42,13 +50,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils import multi_process_shared, shared
+from apache_beam.utils import multi_process_shared
 
 from schemas import model_artifacts
 from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import published_dir
-from transforms.dead_letters import METRICS_NAMESPACE, ToDeadLetters
+from transforms.dead_letters import METRICS_NAMESPACE, dead_letter_from_failure
 from transforms.image_inputs import KeyedImage
 
 _LOGGER = logging.getLogger(__name__)
@@ -87,6 +95,13 @@ class ModelOutputs:
     label_index: int
     probabilities: np.ndarray
     embedding: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class FailedInference:
+    """Stands in for ``ModelOutputs`` when an image failed even alone; ``PredictImages`` turns it into its dead letter."""
+
+    dead_letter: DeadLetter
 
 
 class LoadedImageModel:
@@ -229,6 +244,18 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
         }
         if max_batch_duration_secs > 0:
             self._batch_kwargs["max_batch_duration_secs"] = max_batch_duration_secs
+        self._retry_failed_batches = False
+
+    def retrying_failed_batches(self) -> "ImageModelHandler":
+        """This handler (same model copy) whose ``run_inference`` retries a failed batch image by image.
+
+        An image that fails alone comes out as ``(key, PredictionResult)``
+        with a ``FailedInference`` instead of raising, so one ``RunInference``
+        output holds every image (see the module docstring for why).
+        """
+        retrying = copy.copy(self)
+        retrying._retry_failed_batches = True
+        return retrying
 
     @property
     def model_info(self) -> ModelInfo:
@@ -264,10 +291,32 @@ class ImageModelHandler(ModelHandler[KeyedImage, KeyedPrediction, LoadedImageMod
 
         Raises:
           tf.errors.OpError: when any image in the batch cannot be decoded by
-            the model (``PredictImages`` then retries the batch per element).
+            the model, unless this handler is ``retrying_failed_batches()``.
         """
         if model.claim_load_report():
             Metrics.counter(METRICS_NAMESPACE, MODEL_LOADS_COUNTER).inc()
+        if not self._retry_failed_batches:
+            return self._predict(batch, model)
+        try:
+            return self._predict(batch, model)
+        except Exception as error:  # Any failure of the batch: each image then gets its own chance.
+            Metrics.counter(METRICS_NAMESPACE, RETRIED_BATCHES_COUNTER).inc()
+            _LOGGER.warning("Retrying a failed batch of %d images one by one: %s", len(batch), error)
+            return [self._predict_alone(element, model) for element in batch]
+
+    def _predict_alone(self, element: KeyedImage, model: LoadedImageModel) -> KeyedPrediction:
+        """One image's prediction, or its ``FailedInference`` (stage ``predict``)."""
+        try:
+            return self._predict([element], model)[0]
+        except (tf.errors.OpError, ValueError) as error:
+            letter = DeadLetter(input_ref=element[1].input_ref, stage=STAGE, error_type=INFERENCE_FAILED,
+                                message=f"{type(error).__name__}: {error}"[:2000])
+        except Exception as error:  # Unexpected: described the way with_exception_handling failures are.
+            letter = dead_letter_from_failure((element, (type(error), error, None)), STAGE)
+        key, image = element
+        return key, PredictionResult(dataclasses.replace(image, image_bytes=b""), FailedInference(letter))
+
+    def _predict(self, batch: Sequence[KeyedImage], model: LoadedImageModel) -> list[KeyedPrediction]:
         if not batch:
             return []
         model_version, outputs = model.predict([image.image_bytes for _, image in batch])
@@ -311,26 +360,6 @@ def _to_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def elements_of_failed_batch(failure: tuple[Sequence[KeyedImage], Any]) -> Iterable[KeyedImage]:
-    """Splits a ``RunInference`` failure ``(batch, error)`` back into its elements."""
-    batch, error = failure
-    Metrics.counter(METRICS_NAMESPACE, RETRIED_BATCHES_COUNTER).inc()
-    _LOGGER.warning("Retrying a failed batch of %d images one by one: %s", len(batch), error[1] if error else "")
-    yield from batch
-
-
-def acquire_model(handler: ImageModelHandler, shared_handle: shared.Shared) -> LoadedImageModel:
-    """The model copy ``RunInference`` loaded for ``handler`` in this process (or machine), for other steps.
-
-    ``handler.load_model`` finds the same copy through its token; when the
-    handler shares its model across processes, this is the same
-    ``MultiProcessShared`` copy, reached through a proxy (methods only).
-    """
-    if handler.share_model_across_processes():
-        return _machine_copy(handler)
-    return shared_handle.acquire(handler.load_model, tag=handler.model_identifier)
-
-
 def _machine_copy(handler: ImageModelHandler) -> LoadedImageModel:
     """The ``MultiProcessShared`` copy of a model shared across processes (loaded by whoever asks first)."""
     # RunInference names the first copy f"{tag}0" (base._get_tags_for_copies).
@@ -357,40 +386,17 @@ def loaded_model(handler: ImageModelHandler) -> LoadedImageModel | None:
 
 
 @beam.typehints.with_output_types(KeyedPrediction, dead_letters=DeadLetter)
-class PredictElementFn(beam.DoFn):
-    """Predicts one image at a time: the retry path for batches that failed.
-
-    The model is acquired on first use rather than in ``setup``, because
-    batches rarely fail; it is the copy ``RunInference`` already loaded in this
-    process (``ImageModelHandler.load_model``), or, when the handler shares its
-    model across processes, the same ``MultiProcessShared`` copy.
-    """
+class SplitFailedInferencesFn(beam.DoFn):
+    """Predictions pass on; an image's ``FailedInference`` leaves as its dead letter."""
 
     DEAD_LETTERS = "dead_letters"
 
-    def __init__(self, handler: ImageModelHandler):
-        self._handler = handler
-        self._shared_handle = shared.Shared()
-        self._model: LoadedImageModel | None = None
-
-    def setup(self) -> None:
-        self._model = None
-
-    def process(self, element: KeyedImage) -> Iterable[KeyedPrediction | beam.pvalue.TaggedOutput]:
-        if self._model is None:
-            self._model = acquire_model(self._handler, self._shared_handle)
-        try:
-            yield from self._handler.run_inference([element], self._model)
-        except (tf.errors.OpError, ValueError) as error:
-            yield beam.pvalue.TaggedOutput(
-                self.DEAD_LETTERS,
-                DeadLetter(
-                    input_ref=element[1].input_ref,
-                    stage=STAGE,
-                    error_type=INFERENCE_FAILED,
-                    message=f"{type(error).__name__}: {error}"[:2000],
-                ),
-            )
+    def process(self, result: KeyedPrediction) -> Iterable[KeyedPrediction | beam.pvalue.TaggedOutput]:
+        inference = result[1].inference
+        if isinstance(inference, FailedInference):
+            yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, inference.dead_letter)
+        else:
+            yield result
 
 
 @beam.typehints.with_output_types(KeyedPrediction)
@@ -420,20 +426,11 @@ class PredictImages(beam.PTransform):
         self._handler = handler
 
     def expand(self, images: beam.PCollection[KeyedImage]):
-        predicted, failed = images | "RunModel" >> RunInference(
-            self._handler, model_identifier=self._handler.model_identifier
-        ).with_exception_handling()
-        retried = (
-            failed.failed_inferences
-            | "SplitFailedBatches" >> beam.FlatMap(elements_of_failed_batch)
-            | "PredictOneByOne"
-            >> beam.ParDo(PredictElementFn(self._handler))
-            .with_exception_handling(main_tag="predictions")
-            .with_outputs(PredictElementFn.DEAD_LETTERS)
+        # One output, no Flatten: failed batches are retried inside the handler (module docstring).
+        results = images | "RunModel" >> RunInference(
+            self._handler.retrying_failed_batches(), model_identifier=self._handler.model_identifier
         )
-        predictions = ((predicted, retried.predictions) | "MergePredictions" >> beam.Flatten()
-                       | "RestoreEventTimes" >> beam.ParDo(RestoreEventTimeFn()))
-        unexpected = retried.bad | "DescribeRetryFailures" >> ToDeadLetters(STAGE)
-        dead_letters = (retried[PredictElementFn.DEAD_LETTERS], unexpected) | "MergeDeadLetters" >> beam.Flatten()
-        return predictions, dead_letters
-
+        split = results | "SplitFailures" >> beam.ParDo(SplitFailedInferencesFn()).with_outputs(
+            SplitFailedInferencesFn.DEAD_LETTERS, main="predictions")
+        predictions = split.predictions | "RestoreEventTimes" >> beam.ParDo(RestoreEventTimeFn())
+        return predictions, split[SplitFailedInferencesFn.DEAD_LETTERS]

@@ -210,3 +210,29 @@ def test_model_copies_shares_the_model_across_processes(trained_digits_model):
     assert ImageModelHandler(trained_digits_model, model_copies=2).share_model_across_processes()
     assert ImageModelHandler(trained_digits_model, large_model=True).model_copies() == 1
     assert not ImageModelHandler(trained_digits_model).share_model_across_processes()
+
+
+def test_predictions_reach_their_consumers_in_the_stage_that_runs_the_model(trained_digits_model):
+    """No fusion break after the model: the FnApiRunner would hold every prediction of the run in memory.
+
+    Beam 2.77's FnApiRunner materializes every multi-input Flatten
+    (``translations.sink_flattens``); PredictImages once merged retried
+    predictions back with one, which cost about 5 KiB of memory per image.
+    """
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    pipeline = beam.Pipeline(runner="FnApiRunner")
+    predictions, _ = (pipeline | beam.Create([("k", ImageInput("k", "/x/k.png", b"x"))])
+                      | "PredictImages" >> PredictImages(ImageModelHandler(trained_digits_model)))
+    _ = predictions | "Consume" >> beam.Map(lambda prediction: prediction)
+    _, stages = fn_runner.FnApiRunner().create_stages(pipeline.to_runner_api())
+
+    def stage_of(name: str) -> str:
+        return only([stage.name for stage in stages if any(t.unique_name.startswith(name) for t in stage.transforms)])
+
+    assert stage_of("PredictImages/RunModel/BeamML_RunInference") == stage_of("Consume")
+
+
+def only(items: list[str]) -> str:
+    assert len(items) == 1, items
+    return items[0]
