@@ -71,18 +71,20 @@ def prepare(work_dir: str, counts: list[int]) -> tuple[str, dict[int, str]]:
 def _prefix_pipeline(variant: str, model_dir: str, manifest: str, out_dir: str, beam_args: list[str]) -> None:
     """Runs the first steps of batch_predict's pipeline, up to ``variant``, and waits."""
     from beam_jobs.batch_predict import BatchPredictOptions
-    from schemas import prediction
-    from transforms.inference_inputs import InputSpec, ReadImageInputs
-    from transforms.model_handler import ImageModelHandler, PredictImages
+    from transforms.inference_inputs import ReadImageInputs
+    from transforms.inference_options import InferenceConfig
+    from transforms.model_handler import PredictImages
     from transforms.prediction_rows import FormatPredictionFn, row_to_json
     from transforms.runner_policy import make_pipeline_options
 
-    options = make_pipeline_options(beam_args, job_options=BatchPredictOptions)
+    options = make_pipeline_options(["--model_dir", model_dir, "--input", manifest, *beam_args],
+                                    job_options=BatchPredictOptions)
+    config = InferenceConfig.from_options(options)  # The job's own reading and batching flags.
     with beam.Pipeline(options=options) as pipeline:
-        images, _ = pipeline | "ReadInputs" >> ReadImageInputs(InputSpec(manifest, "manifest"))
+        images, _ = pipeline | "ReadInputs" >> ReadImageInputs(config.input_spec)
         last = images
         if variant != "read":
-            handler = ImageModelHandler(model_dir)
+            handler = config.make_handler()
             last, _ = images | "PredictImages" >> PredictImages(handler)
             if variant != "predict":
                 last = last | "FormatPredictions" >> beam.ParDo(FormatPredictionFn(list(handler.model_info.labels), 5))
@@ -92,7 +94,6 @@ def _prefix_pipeline(variant: str, model_dir: str, manifest: str, out_dir: str, 
                                                                       file_name_suffix=".jsonl"))
         if variant != "jsonl":
             _ = last | "Count" >> beam.combiners.Count.Globally()
-        del prediction
 
 
 def run_variant(variant: str, model_dir: str, manifest: str, beam_args: list[str], tracemalloc_frames: int) -> dict:
