@@ -11,6 +11,15 @@ it reads each image's declared size from its header (JPEG, PNG, GIF, BMP,
 WebP: every format ``tf.io.decode_image`` takes) and refuses the batch before
 any pixel is decoded, so a decompression bomb sent straight to a SavedModel
 or TF Serving cannot allocate its decoded image.
+
+JPEGs are decoded with libjpeg's accurate integer IDCT (``JPEG_DCT_METHOD``),
+the one Pillow uses: TensorFlow's default, the fast one, moves pixels (by up
+to 5 levels on photo-like JPEGs), so training (whose tf.Transform graph
+decodes the stored JPEGs with these functions) and serving would otherwise
+see other pixels than create_dataset's Pillow decode did
+(``tests/model_lib/test_image_ops.py``). Measured, it costs no more than
+noise: the same at 224x224, under 0.2 ms (best of 100) at 1024x768
+(``python -m benchmarks.jpeg_decode``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ _UNKNOWN, _JPEG, _PNG, _GIF, _BMP, _WEBP = range(6)
 _GIF_IMAGE_DESCRIPTOR, _GIF_EXTENSION = 0x2C, 0x21
 _BMP_CORE_HEADER_SIZE = 12  # OS/2 BITMAPCOREHEADER: uint16 width and height.
 _WEBP_ANIMATED_FLAG = 0x02
+# Pillow's libjpeg IDCT (JDCT_ISLOW); tf.io.decode_image has no dct_method and takes INTEGER_FAST.
+JPEG_DCT_METHOD = "INTEGER_ACCURATE"
 
 
 def resize_image(image: tf.Tensor, image_size: int, method: ResizeMethod) -> tf.Tensor:
@@ -87,7 +98,7 @@ def _decode(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
     1-channel decode, so stored dataset images keep decoding bit-exactly.
     """
     if channels != 1:
-        return tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
+        return _decode_as(image_bytes, channels)
     code = _format(image_bytes)
 
     def is_cmyk_jpeg() -> tf.Tensor:
@@ -99,8 +110,21 @@ def _decode(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
     )
     return tf.cond(
         needs_rgb,
-        lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(image_bytes, channels=3, expand_animations=False)),
-        lambda: tf.io.decode_image(image_bytes, channels=1, expand_animations=False),
+        lambda: tf.image.rgb_to_grayscale(_decode_as(image_bytes, 3)),
+        lambda: _decode_as(image_bytes, 1),
+    )
+
+
+def _decode_as(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
+    """``tf.io.decode_image`` to ``channels`` (first frame), except that a JPEG takes Pillow's IDCT.
+
+    ``tf.io.is_jpeg`` tells JPEGs by the first bytes ``decode_image`` itself
+    goes by, so every other format takes the same decoder as before.
+    """
+    return tf.cond(
+        tf.io.is_jpeg(image_bytes),
+        lambda: tf.io.decode_jpeg(image_bytes, channels=channels, dct_method=JPEG_DCT_METHOD),
+        lambda: tf.io.decode_image(image_bytes, channels=channels, expand_animations=False),
     )
 
 
