@@ -22,7 +22,7 @@ from schemas.classification_metrics import EvalReport, ModelMetrics
 from schemas.dataset import DATASET_RECORD
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import published_dir
-from tests.fixtures.image_corpus import undecodable_png
+from tests.fixtures.image_corpus import bad_idat_crc_png, model_refused_png
 from transforms import images
 from transforms.dead_letters import read_dead_letters
 from transforms.model_handler import INFERENCE_FAILED
@@ -93,10 +93,9 @@ def assert_rows_match_saved_model(rows: list[dict], serving, model_dir: str, top
         assert row["model_version"] == info.model_version
 
 
-def undecodable_file(path: str) -> str:
-    """A valid image (Pillow decodes it) that the model's decoder rejects: only a retried batch saves its mates."""
+def write_file(path: str, data: bytes) -> str:
     with open(path, "wb") as handle:
-        handle.write(undecodable_png())
+        handle.write(data)
     return path
 
 
@@ -106,7 +105,11 @@ def test_predicts_good_images_dead_letters_bad_ones_and_accounts_for_all(
     with open(digits.manifest) as handle:
         rows = [tuple(r) for r in csv.reader(handle)]
     rows += image_corpus.manifest_rows()
-    rows.append((undecodable_file(str(tmp_path / "bad_idat.png")), "4"))
+    # The jobs' checks accept it, the model's decoder refuses it: only a retried batch saves its mates.
+    model_refused = write_file(str(tmp_path / "unknown_critical_chunk.png"), model_refused_png())
+    # Pillow would load it, the model's decoder would not: the jobs' PNG CRC check refuses it first.
+    bad_idat = write_file(str(tmp_path / "bad_idat_crc.png"), bad_idat_crc_png())
+    rows += [(model_refused, "4"), (bad_idat, "4")]
     random.Random(3).shuffle(rows)
     manifest = write_manifest(str(tmp_path / "manifest.csv"), rows)
     out = str(tmp_path / "out")
@@ -122,10 +125,11 @@ def test_predicts_good_images_dead_letters_bad_ones_and_accounts_for_all(
     # Expected outcome of every input: Pillow's reason, or the model's own verdict on the image alone.
     expected_letters = {uri: reason for uri, reason in image_corpus.expected.items()
                         if reason not in (None, "unknown_label")}
+    expected_letters[bad_idat] = images.CORRUPT_IMAGE
     for uri, _ in rows:
         if uri not in expected_letters and serving(uri) is None:
             expected_letters[uri] = INFERENCE_FAILED
-    assert str(tmp_path / "bad_idat.png") in expected_letters
+    assert expected_letters[model_refused] == INFERENCE_FAILED
     assert {letter.input_ref: letter.error_type for letter in letters} == expected_letters
     assert sorted(row["uri"] for row in predicted) == sorted(uri for uri, _ in rows if uri not in expected_letters)
     assert_rows_match_saved_model(predicted, serving, trained_digits_model, top_k=3)

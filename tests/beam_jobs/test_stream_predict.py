@@ -36,7 +36,7 @@ from schemas.dead_letter import DeadLetter
 from schemas.model_artifacts import ModelInfo
 from schemas.publication import POINTER_FILE, write_file_atomically
 from schemas.stream_prediction import PANE_LATE, EvaluationReport, MonitoringReport, latest_per_window, report_from_json
-from tests.fixtures.image_corpus import undecodable_png
+from tests.fixtures.image_corpus import bad_idat_crc_png, model_refused_png
 from transforms import images, model_refresh, pubsub_io, stream_probe, streaming_eval
 from transforms.model_handler import INFERENCE_FAILED
 
@@ -205,8 +205,10 @@ def test_every_message_gives_one_prediction_equal_to_the_saved_model_and_bad_one
         "bad_base64": (json_message(image_id="x1", image_base64="@@@"), pubsub_io.MALFORMED_MESSAGE),
         "not_image": (json_message(image_id="x2", image_base64=b64(b"plain text, not a PNG")), images.NOT_AN_IMAGE),
         "oversized": (json_message(image_id="x3", image_base64=b64(png(1200, 1000))), images.TOO_MANY_PIXELS),
-        # Pillow decodes it, the model's decoder refuses it: only a retried batch saves its mates.
-        "undecodable": (json_message(image_id="x4", image_base64=b64(undecodable_png())), INFERENCE_FAILED),
+        # The jobs' checks accept it, the model's decoder refuses it: only a retried batch saves its mates.
+        "model_refused": (json_message(image_id="x4", image_base64=b64(model_refused_png())), INFERENCE_FAILED),
+        # Pillow would load it, the model's decoder would not: the jobs' PNG CRC check refuses it first.
+        "bad_idat_crc": (json_message(image_id="x5", image_base64=b64(bad_idat_crc_png())), images.CORRUPT_IMAGE),
     }
     messages = [(json_message(image_id=image_id, image_base64=b64(data)), {}) for image_id, data in good]
     # The bad ones sit among the good, so they share bundles and batches with them.

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fixtures.image_corpus import bad_idat_crc_png, model_refused_png
 from transforms.dead_letters import RejectedInput
 from transforms.images import (
+    CORRUPT_IMAGE,
     NOT_AN_IMAGE,
     UNSUPPORTED_FORMAT,
     ImageSpec,
@@ -126,3 +128,21 @@ def test_unrecognized_bytes_stay_not_an_image():
     with pytest.raises(RejectedInput) as raised:
         check_image(b"GIF87 is almost a signature, but this is text", 1_000_000)
     assert raised.value.error_type == NOT_AN_IMAGE
+
+
+def test_a_png_with_a_bad_idat_crc_is_corrupt_for_storage_and_inference_alike():
+    data = bad_idat_crc_png()
+    # Pillow alone loads it: the CRC check is what refuses it.
+    Image.open(io.BytesIO(data)).load()
+    for attempt in (lambda: check_image(data, 10_000), lambda: normalize_image(data, ImageSpec(image_size=8))):
+        with pytest.raises(RejectedInput) as raised:
+            attempt()
+        assert raised.value.error_type == CORRUPT_IMAGE
+        assert "'IDAT' chunk at byte 33 fails its CRC check" in str(raised.value)
+
+
+def test_a_png_with_an_unknown_critical_chunk_passes_the_checks():
+    # The job tests' stand-in for an image only the model refuses (inference_failed): its CRCs hold,
+    # Pillow skips the chunk, libpng refuses it.
+    assert check_image(model_refused_png(), 10_000).size == (40, 40)
+    assert normalize_image(model_refused_png(), ImageSpec(image_size=8)).height == 8
