@@ -61,7 +61,7 @@ def timed_ms(call: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--loaded", default="", help="A sentence on the machine's load, for the doc.")
     parser.add_argument("--no_doc", action="store_true")
     args = parser.parse_args(argv)
