@@ -43,9 +43,10 @@ def runs(model_dir: str) -> dict[str, Callable[[BadInputCorpus, str], JobRun]]:
 
 
 def report(corpus: BadInputCorpus, results: dict[str, JobRun], command: str) -> str:
+    """The bad-input section; ``command`` is the Markdown of the command line (and which model it used)."""
     lines = [
         "## Bad inputs: the corpus through every batch job", "",
-        f"Command: `{command}`", f"Machine: {cpu_description()}.", "",
+        f"Command: {command}", f"Machine: {cpu_description()}.", "",
         f"Corpus (`build_bad_input_corpus`, also `python -m tests.testdata.make_bad_inputs DIR`): "
         f"{len(corpus.files)} files and {len(corpus.rows)} bad manifest rows; what each one is and the reason "
         "each job must give it are listed in `tests/fixtures/image_corpus.py`.", "",
@@ -79,7 +80,7 @@ def fault_figures(work_dir: str) -> list[tuple[faults.FaultFigures, bool]]:
 def fault_report(results: list[tuple[faults.FaultFigures, bool]], command: str) -> str:
     lines = [
         "## Faults injected", "",
-        f"Command: `{command}`", f"Machine: {cpu_description()}.", "",
+        f"Command: {command}", f"Machine: {cpu_description()}.", "",
         "| scenario | items in | items out | duplicates | lost | final output equals a fault-free run | "
         "what happened |",
         "|---|---:|---:|---:|---:|---|---|",
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", default="/tmp/reliability")
     parser.add_argument("--no_report", action="store_true", help="Print only; leave docs/ alone.")
     parser.add_argument("--skip_faults", action="store_true", help="Only the bad-input corpus.")
+    parser.add_argument("--model_note", default="", help="A sentence on which model MODEL was, for the doc.")
     args = parser.parse_args(argv)
     shutil.rmtree(args.work_dir, ignore_errors=True)
     corpus = image_corpus.build_bad_input_corpus(os.path.join(args.work_dir, "corpus"))
@@ -109,15 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(work)
         results[job] = run(corpus, work)
         print(job, results[job].exit_code, results[job].counts, results[job].figures, flush=True)
-    command = "python -m benchmarks.reliability " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = report(corpus, results, command.strip())
+    command = (f"`python -m benchmarks.reliability --model_dir MODEL --work_dir {args.work_dir}"
+               f"{' --skip_faults' if args.skip_faults else ''}`{' ' + args.model_note if args.model_note else ''}")
+    body = report(corpus, results, command)
     print(body)
     if not args.no_report:
         write_section("bad_inputs", body, RELIABILITY_DOC)
     bad = [job for job, run in results.items() if run.figures.lost or run.figures.misjudged or run.exit_code]
     if not args.skip_faults:
         injected = fault_figures(os.path.join(args.work_dir, "faults"))
-        body = fault_report(injected, command.strip())
+        body = fault_report(injected, command)
         print(body)
         if not args.no_report:
             write_section("faults", body, RELIABILITY_DOC)
