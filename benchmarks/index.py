@@ -462,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"digits ({len(base):,} x {base.shape[1]})" if args.dataset == "digits"
              else f"{len(base):,} synthetic clustered {base.shape[1]}-d unit vectors")
     command = f"python -m benchmarks.index --dataset {args.dataset}" + (
-        f" --rows {args.rows}" if args.dataset == "synthetic" else "")
+        f" --rows {args.rows}" if args.dataset == "synthetic" else "") + (
+        f" --queries {args.queries}" if args.dataset == "synthetic" and args.queries != 1_000 else "") + (
+        f" --methods {','.join(methods)}" if methods != list(DEFAULT_METHODS) else "")
     png = os.path.join(os.path.dirname(BENCHMARKS_DOC), f"index_{name}.png")
     text = report(name, title, command, results, len(base), base.shape[1], len(queries), png, args.loaded)
     print(text)
