@@ -29,9 +29,11 @@ Outputs:
 - ``--dead_letter_topic``: one ``DeadLetter`` JSON per malformed message,
   unreadable or oversized image or failed inference (naming the message as
   ``pubsub:MESSAGE_ID``), and an alert for every model version refused;
-- optionally ``--bigquery_table P.D.T``: the same rows by streaming inserts
-  whose insert id is the input message id, so BigQuery drops (best effort)
-  a redelivered message's second row (``transforms.bigquery_inserts``).
+- optionally ``--bigquery_table P.D.T``: the same rows by streaming inserts,
+  one per input message content (``message_digest``) within
+  ``--bigquery_dedup_secs``: a redelivered message, or the same message
+  published twice, makes one row (``transforms.bigquery_inserts``); the
+  output topic still has one message per input message.
 Every message comes out on exactly one of the two topics: read = predicted +
 rejected in the job's Beam metrics.
 
@@ -42,7 +44,9 @@ checked and switched to without a restart (``transforms.model_refresh``).
 
 Nothing on the hot path limits parallelism: messages are redistributed right
 after the read and every later step is stateless per element (or, with
-``--max_batch_duration_secs`` > 0, batched per worker process). On
+``--max_batch_duration_secs`` > 0, batched per worker process). The side
+branches that keep state (the BigQuery de-duplication, the labels join) key
+it by message digest or image id, so it spreads over the workers too. On
 DataflowRunner the job defaults to Streaming Engine and throughput-based
 autoscaling (``--max_num_workers`` caps it).
 
@@ -68,9 +72,9 @@ from apache_beam.runners.runner import PipelineResult
 
 from schemas import counters
 from schemas.redaction import redacted_console
-from schemas.stream_prediction import MESSAGE_ID, STREAM_PREDICTIONS_TABLE
+from schemas.stream_prediction import MESSAGE_DIGEST, STREAM_PREDICTIONS_TABLE
 from transforms import streaming_eval
-from transforms.bigquery_inserts import InsertRowsWithIds
+from transforms.bigquery_inserts import DEFAULT_DEDUP_SECS, InsertRowsWithIds
 from transforms.dead_letters import counter_total
 from transforms.inference_options import ModelConfig, ModelOptions
 from transforms.inference_preconditions import check_model_dir
@@ -122,6 +126,11 @@ class StreamPredictOptions(ModelOptions):
                             help="projects/P/topics/T for dead letters and model alerts.")
         parser.add_argument("--bigquery_table", default=None,
                             help="Also stream the predictions into this PROJECT.DATASET.TABLE.")
+        parser.add_argument("--bigquery_dedup_secs", type=float, default=DEFAULT_DEDUP_SECS,
+                            help="Seconds (processing time) a message's content is remembered, so the same "
+                                 "message arriving again (redelivered or published twice) makes no second "
+                                 f"BigQuery row (default {DEFAULT_DEDUP_SECS:g}; 0: only BigQuery's best-effort "
+                                 "insertId de-duplication, about a minute).")
         parser.add_argument("--message_format", choices=MESSAGE_FORMATS, default="json_uri")
         parser.add_argument("--timestamp_attribute", default=None,
                             help="Message attribute holding the event time (default: the publish time).")
@@ -181,6 +190,7 @@ class StreamPredictConfig:
     output_topic: str
     dead_letter_topic: str
     bigquery_table: str | None
+    bigquery_dedup_secs: float
     metrics_topic: str | None
     monitoring_interval_secs: int
     report_refresh_secs: int
@@ -208,6 +218,8 @@ class StreamPredictConfig:
         for name in ("input_topic", "output_topic", "dead_letter_topic", "metrics_topic"):
             _check_path(name, getattr(flags, name), _TOPIC_RE, "projects/P/topics/T")
         _check_path("bigquery_table", flags.bigquery_table, _TABLE_RE, "PROJECT.DATASET.TABLE")
+        if flags.bigquery_dedup_secs < 0:
+            raise ValueError(f"--bigquery_dedup_secs must be >= 0. Received `bigquery_dedup_secs={flags.bigquery_dedup_secs}`")
         if flags.top_k < 1:
             raise ValueError(f"--top_k must be >= 1. Received `top_k={flags.top_k}`")
         if flags.max_batch_duration_secs < 0:
@@ -239,6 +251,7 @@ class StreamPredictConfig:
             output_topic=flags.output_topic,
             dead_letter_topic=flags.dead_letter_topic,
             bigquery_table=flags.bigquery_table,
+            bigquery_dedup_secs=flags.bigquery_dedup_secs,
             metrics_topic=flags.metrics_topic,
             monitoring_interval_secs=flags.monitoring_interval_secs,
             report_refresh_secs=flags.report_refresh_secs,
@@ -317,7 +330,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: StreamPredictConfig,
     _ = rows | "PublishPredictions" >> PublishRows(config.output_topic)
     if config.bigquery_table:
         _ = rows | "StreamToBigQuery" >> InsertRowsWithIds(config.bigquery_table, STREAM_PREDICTIONS_TABLE,
-                                                           MESSAGE_ID)
+                                                           MESSAGE_DIGEST, config.bigquery_dedup_secs)
     alert_streams = [alerts]
     if config.metrics_topic:
         reports = rows | "MonitorPredictions" >> MonitorPredictions(

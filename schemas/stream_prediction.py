@@ -2,9 +2,10 @@
 
 The same prediction fields as batch_predict's ``PREDICTION_RECORD`` (label,
 top-k, model_version), plus what a stream needs to join and measure: the
-Pub/Sub message id of the input (also the BigQuery insert id, so a redelivered
-message does not make a second row), its event time (the input's publish
-time) and the processing time, so end-to-end latency is their difference.
+Pub/Sub message id of the input, a digest of its content (the same for a
+message published twice, or redelivered: the BigQuery sink's de-duplication
+key and insert id), its event time (the input's publish time) and the
+processing time, so end-to-end latency is their difference.
 
 Also the two reports stream_predict publishes to its metrics topic, each about
 one event-time window ``[window_start, window_end)`` of event time (the
@@ -28,6 +29,7 @@ from schemas.fields import Field, RecordSchema
 from schemas.warehouse import TableSpec
 
 MESSAGE_ID = "message_id"
+MESSAGE_DIGEST = "message_digest"
 EVENT_TIME = "event_time"
 PROCESSING_TIME = "processing_time"
 
@@ -40,6 +42,8 @@ STREAM_PREDICTION_RECORD = RecordSchema(
     fields=(
         Field(prediction.IMAGE_ID, "string", "The image id the input message carried."),
         Field(MESSAGE_ID, "string", "Pub/Sub message id of the input message."),
+        Field(MESSAGE_DIGEST, "string", "sha256 of the input message's data and attributes: equal for a message "
+              "published twice, which a new message id does not tell apart."),
         Field(prediction.URI, "string", "The image's URI (json_uri messages) or pubsub:MESSAGE_ID."),
         Field(prediction.LABEL, "string", "Predicted label (the model's top-1 class)."),
         Field(prediction.LABEL_INDEX, "int64", "Position of the predicted label in the model's labels."),

@@ -1,13 +1,20 @@
-"""Streaming rows into BigQuery with an insert id of our choosing (stream_predict's optional sink).
+"""Streaming rows into BigQuery once per id (stream_predict's optional sink).
 
 Beam's ``WriteToBigQuery(method=STREAMING_INSERTS)`` gives every row a random
-insert id, so a Pub/Sub redelivery of the same message would land twice. This
-sink calls ``tabledata.insertAll`` itself with the row's own id (the input
-message id) as ``insertId``, which BigQuery uses for best-effort
-de-duplication of rows inserted again within about a minute: a redelivered
-message, or a bundle the runner retries after a failed insert. Failed inserts
-raise, so the runner retries the bundle with the same ids instead of dropping
-rows.
+insert id, so the same input arriving twice would land twice. Two layers stop
+that, both keyed by the row's own id (stream_predict's: the digest of the
+input message's content, equal for a redelivery and for the same message
+published twice):
+
+- in the pipeline, rows whose id was already seen within ``dedup_secs`` of
+  processing time are dropped before the insert (Beam's
+  ``DeduplicatePerKey``: per-key state, so it scales out like the rest of
+  the branch; the state of a key is cleared when its time is up);
+- the insert itself calls ``tabledata.insertAll`` with the id as
+  ``insertId``, which BigQuery uses for best-effort de-duplication within
+  about a minute: a bundle the runner retries after a failed insert, or a
+  second worker's copy. Failed inserts raise, so the runner retries the
+  bundle with the same ids instead of dropping rows.
 """
 
 from __future__ import annotations
@@ -16,12 +23,15 @@ from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.deduplicate import DeduplicatePerKey
+from apache_beam.utils.timestamp import Duration
 
 from schemas.warehouse import TableSpec
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.warehouse import to_bigquery_row
 
 DEFAULT_INSERT_BATCH = 500  # insertAll's recommended maximum rows per request.
+DEFAULT_DEDUP_SECS = 600.0
 
 
 class BigQueryInsertError(RuntimeError):
@@ -88,11 +98,31 @@ class InsertRowsFn(beam.DoFn):
 
 
 class InsertRowsWithIds(beam.PTransform):
-    """Streams rows into a BigQuery table, de-duplicated (best effort) by ``id_field``."""
+    """Streams rows into a BigQuery table, one per ``id_field`` value within ``dedup_secs``.
 
-    def __init__(self, table: str, spec: TableSpec, id_field: str):
+    Args:
+      table: ``PROJECT.DATASET.TABLE``.
+      spec: The table's record and layout.
+      id_field: The column whose value identifies a row (and is its insert id).
+      dedup_secs: Processing-time seconds a seen id is remembered; 0 keeps
+        only BigQuery's own (best effort, about a minute) de-duplication.
+    """
+
+    def __init__(self, table: str, spec: TableSpec, id_field: str, dedup_secs: float = DEFAULT_DEDUP_SECS):
         super().__init__()
+        if dedup_secs < 0:
+            raise ValueError(f"dedup_secs must be >= 0. Received `dedup_secs={dedup_secs}`")
         self._fn = InsertRowsFn(table, spec, id_field)
+        self._id_field = id_field
+        self._dedup_secs = dedup_secs
 
     def expand(self, rows: beam.PCollection[dict[str, Any]]) -> beam.PCollection[None]:
+        if self._dedup_secs:
+            id_field = self._id_field
+            rows = (
+                rows
+                | "KeyById" >> beam.Map(lambda row: (str(row[id_field]), row))
+                | "DropSeenIds" >> DeduplicatePerKey(processing_time_duration=Duration(seconds=self._dedup_secs))
+                | "Rows" >> beam.Values()
+            )
         return rows | "InsertRows" >> beam.ParDo(self._fn)

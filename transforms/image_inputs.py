@@ -39,6 +39,8 @@ class ImageInput:
       split: The dataset split, if read from a dataset.
       source: The directory (or subscription) the image was read from.
       message_id: The Pub/Sub message it arrived in (streaming only).
+      message_digest: A digest of that message's data and attributes
+        (streaming only): the same for the same message published twice.
       event_time: That message's publish time, epoch seconds (streaming
         only), carried in the element because batching does not keep
         element timestamps.
@@ -51,6 +53,7 @@ class ImageInput:
     split: str | None = None
     source: str | None = None
     message_id: str | None = None
+    message_digest: str | None = None
     event_time: float | None = None
 
     @property
@@ -80,6 +83,7 @@ def keyed_image(
     split: str | None = None,
     source: str | None = None,
     message_id: str | None = None,
+    message_digest: str | None = None,
     event_time: float | None = None,
 ) -> KeyedImage:
     """Validates encoded image bytes and keys them by ``image_id``, ready for the serving signature.
@@ -93,5 +97,5 @@ def keyed_image(
     decoded = images.check_image(data, max_pixels)
     return image_id, ImageInput(
         image_id=image_id, uri=uri, image_bytes=serving_bytes(data, decoded), label=label, split=split, source=source,
-        message_id=message_id, event_time=event_time,
+        message_id=message_id, message_digest=message_digest, event_time=event_time,
     )

@@ -79,7 +79,7 @@ def stream_prediction_row(
     """A ``STREAM_PREDICTION_RECORD`` row from a keyed result of an image that came in a message.
 
     Args:
-      result: The model's result; its example carries ``message_id`` and ``event_time``.
+      result: The model's result; its example carries ``message_id``, ``message_digest`` and ``event_time``.
       labels: The model's labels.
       k: How many labels to keep.
       processing_time: When the prediction was made, epoch seconds.
@@ -89,11 +89,12 @@ def stream_prediction_row(
     """
     _, prediction = result
     image: ImageInput = prediction.example
-    if image.message_id is None or image.event_time is None:
-        raise ValueError(f"{image.uri} did not come from a Pub/Sub message (no message_id/event_time)")
+    if image.message_id is None or image.message_digest is None or image.event_time is None:
+        raise ValueError(f"{image.uri} did not come from a Pub/Sub message (no message_id/message_digest/event_time)")
     row = {
         prediction_schema.IMAGE_ID: image.image_id,
         stream_schema.MESSAGE_ID: image.message_id,
+        stream_schema.MESSAGE_DIGEST: image.message_digest,
         prediction_schema.URI: image.uri,
         **prediction_fields(prediction, labels, k),
         stream_schema.EVENT_TIME: _utc(image.event_time),

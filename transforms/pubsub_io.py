@@ -57,13 +57,23 @@ ERROR_TYPE_ATTRIBUTE = "error_type"
 STAGE_ATTRIBUTE = "stage"
 
 
-def message_id_of(message: PubsubMessage) -> str:
-    """The message's Pub/Sub id; a content hash where the runner does not expose one."""
-    if message.message_id:
-        return str(message.message_id)
+def message_digest(message: PubsubMessage) -> str:
+    """``sha256:`` + a hash of the message's data and attributes: what a republished message keeps.
+
+    Publishing the same message twice (a publisher's retry, a replayed
+    batch) gives it a new message id; the content, and so this digest, stay
+    the same.
+    """
     digest = hashlib.sha256(message.data or b"")
     digest.update(json.dumps(sorted((message.attributes or {}).items())).encode("utf-8"))
     return f"sha256:{digest.hexdigest()[:32]}"
+
+
+def message_id_of(message: PubsubMessage) -> str:
+    """The message's Pub/Sub id; its content digest where the runner does not expose one."""
+    if message.message_id:
+        return str(message.message_id)
+    return message_digest(message)
 
 
 def _malformed(detail: str) -> RejectedInput:
@@ -125,7 +135,7 @@ def image_of_message(
         else:
             raise ValueError(f"message_format must be one of {MESSAGE_FORMATS}. Received `{message_format}`")
     return keyed_image(image_id, uri, image, max_pixels, source=source, message_id=message_id,
-                       event_time=event_time)
+                       message_digest=message_digest(message), event_time=event_time)
 
 
 TimedMessage = tuple[PubsubMessage, float]

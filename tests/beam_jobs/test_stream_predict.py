@@ -328,11 +328,13 @@ def test_pointer_switch_changes_model_version_without_restart_and_a_broken_expor
     assert "retrained-b" in alerts[0].message
 
 
-def test_raw_bytes_messages_take_the_image_id_attribute_and_stream_into_bigquery(
+def test_raw_bytes_messages_take_the_image_id_attribute_and_stream_into_bigquery_once_per_message(
     pubsub_emulator, bigquery_emulator, trained_digits_model, digit_files, serving
 ):
+    """A message published again (a new message id, the same content) gets a second prediction, not a second row."""
     info = ModelInfo.read(trained_digits_model)
     good = [(f"raw-{i}", data) for i, (_, data) in enumerate(digit_files[:5])]
+    late = ("raw-late", digit_files[5][1])
     table = f"{bigquery_emulator.create_dataset()}.stream_predictions"
     with topics(pubsub_emulator) as paths:
         with running_job(pubsub_emulator, paths, trained_digits_model, "--message_format", "raw_bytes",
@@ -342,14 +344,31 @@ def test_raw_bytes_messages_take_the_image_id_attribute_and_stream_into_bigquery
             rows = rows_of(collect(pubsub_emulator, paths["output_sub"], len(good)))
             dead = letters_of(collect(pubsub_emulator, paths["dead_sub"], 1))
             stored = read_table(bigquery_emulator, table, len(good))
+            # The same message again, with a new one beside it: once the new one's row is in, the copy had its turn.
+            republished = publish(pubsub_emulator, paths["input"],
+                                  [(good[1][1], {"image_id": good[1][0]}), (late[1], {"image_id": late[0]})])
+            again = rows_of(collect(pubsub_emulator, paths["output_sub"], 2))
+            read_table(bigquery_emulator, table, len(good) + 1)
+            time.sleep(2)
+            stored_after = read_table(bigquery_emulator, table, len(good) + 1)
     by_id = {row[prediction.IMAGE_ID]: row for row in rows}
     assert sorted(by_id) == sorted(image_id for image_id, _ in good)
     for (image_id, _), want in zip(good, serving([data for _, data in good])):
         assert_matches_saved_model(by_id[image_id], want, info)
         assert by_id[image_id]["uri"] == f"pubsub:{by_id[image_id]['message_id']}"
     assert [(d.input_ref, d.error_type) for d in dead] == [(f"pubsub:{ids[-1]}", pubsub_io.MALFORMED_MESSAGE)]
-    assert sorted((r["image_id"], r["message_id"], r["label"], r["model_version"]) for r in stored) == sorted(
-        (row["image_id"], row["message_id"], row["label"], row["model_version"]) for row in rows)
+    assert sorted((r["image_id"], r["message_id"], r["message_digest"], r["label"], r["model_version"])
+                  for r in stored) == sorted(
+        (row["image_id"], row["message_id"], row["message_digest"], row["label"], row["model_version"])
+        for row in rows)
+    # The output topic has one prediction per message: the copy's carries its own message id, the same digest.
+    copy = next(row for row in again if row["image_id"] == good[1][0])
+    assert copy["message_id"] == republished[0] != by_id[good[1][0]]["message_id"]
+    assert copy["message_digest"] == by_id[good[1][0]]["message_digest"]
+    assert sorted(row["image_id"] for row in again) == sorted([good[1][0], late[0]])
+    # The table has one row per message content.
+    assert sorted(r["image_id"] for r in stored_after) == sorted([image_id for image_id, _ in good] + [late[0]])
+    assert len({r["message_digest"] for r in stored_after}) == len(good) + 1
 
 
 def read_table(bigquery_emulator, table: str, count: int, timeout_s: float = 60) -> list[dict[str, Any]]:
@@ -372,6 +391,8 @@ def read_table(bigquery_emulator, table: str, count: int, timeout_s: float = 60)
       "--dead_letter_topic", "projects/p/topics/dlq"], "Received `input_topic=topic`"),
     (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
       "--dead_letter_topic", "projects/p/topics/dlq", "--model_refresh_secs", "0"], "model_refresh_secs=0"),
+    (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
+      "--dead_letter_topic", "projects/p/topics/dlq", "--bigquery_dedup_secs", "-1"], "bigquery_dedup_secs=-1"),
     (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",
       "--dead_letter_topic", "projects/p/topics/dlq", "--drift_min_predictions", "0"], "drift_min_predictions=0"),
     (["--model_dir", "m", "--input_topic", "projects/p/topics/in", "--output_topic", "projects/p/topics/out",

@@ -36,6 +36,7 @@ def test_the_streaming_composite_loads_its_model_once(trained_digits_model, tmp_
     for i, uri in enumerate(uris):
         with open(uri, "rb") as image:
             images.append(keyed_image(f"img-{i}", uri, image.read(), MAX_PIXELS, message_id=f"msg-{i}",
+                                      message_digest=f"sha256:{i:032x}",
                                       event_time=time.time()))
     handler = RefreshingImageModelHandler(trained_digits_model, refresh_secs=60, max_batch_size=4)
     options = PipelineOptions(["--runner", LOCAL_STREAMING_RUNNER, "--streaming"])
