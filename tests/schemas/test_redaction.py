@@ -86,15 +86,22 @@ def test_the_filter_redacts_a_traceback_and_its_chained_exceptions():
 
 @pytest.fixture
 def fresh_process_state() -> Iterator[None]:
-    """The logging factory and exception hooks of a process that never installed redaction; put back after."""
-    saved = logging.getLogRecordFactory(), sys.excepthook, threading.excepthook
+    """The logging factory and exception hooks of a process that never installed redaction; put back after.
+
+    Also the ``google`` logger's propagation: google-api-core turns it off when
+    the process makes its first Google client (another test's, in the suite).
+    """
+    google = logging.getLogger("google")
+    saved = logging.getLogRecordFactory(), sys.excepthook, threading.excepthook, google.propagate
     logging.setLogRecordFactory(logging.LogRecord)
     sys.excepthook, threading.excepthook = sys.__excepthook__, threading.__excepthook__
+    google.propagate = True
     try:
         yield
     finally:
         logging.setLogRecordFactory(saved[0])
         sys.excepthook, threading.excepthook = saved[1], saved[2]
+        google.propagate = saved[3]
 
 
 def _capture(logger: logging.Logger) -> tuple[logging.Handler, io.StringIO]:
