@@ -111,12 +111,12 @@ def phase_child(manifest: str, output_dir: str, analyze: bool) -> dict[str, floa
     output = job.OutputRun.start(config.output_dir, overwrite=config.overwrite)
     temp_dir = config.tft_temp_dir(output)
     job.write_schema(output.run_dir)
-    lap("parse flags, validate, start the run, write schema.pbtxt (imports TF + tft)")
+    lap("parse flags, validate, start the run, write schema.pbtxt (no TF)")
     traces = 0
     if analyze:
         import model_lib.preprocessing as preprocessing
         import transforms.tft_analysis  # noqa: F401  What CreateDataset.expand imports when analysis is on.
-        lap("import the tf.Transform analysis step (TF already loaded by schema.pbtxt)")
+        lap("import the tf.Transform analysis step (TF, tf.Transform, Keras)")
         make = preprocessing.make_preprocessing_fn
 
         def counting_make(*args, **kwargs):

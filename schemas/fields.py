@@ -13,6 +13,8 @@ from typing import Any, Literal, Mapping
 
 import pyarrow as pa
 
+from schemas import tf_example
+
 FieldKind = Literal["bytes", "string", "int64", "float", "timestamp"]
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
@@ -110,35 +112,27 @@ class RecordSchema:
         return spec
 
     def to_tf_example(self, record: Mapping[str, Any]) -> bytes:
-        """Serializes a dict with exactly this schema's keys to a tf.train.Example."""
-        from tensorflow.core.example import example_pb2, feature_pb2
-
+        """Serializes a dict with exactly this schema's keys to a tf.train.Example (without TensorFlow)."""
         missing = [n for n in self.names if n not in record]
         if missing:
             raise ValueError(f"{self.name} record lacks fields {missing}")
-        features = {}
+        example = tf_example.Example()
+        features = example.features.feature
         for f in self.fields:
             value = record[f.name]
             values = list(value) if f.repeated else [value]
             if f.kind == "int64":
-                features[f.name] = feature_pb2.Feature(
-                    int64_list=feature_pb2.Int64List(value=[int(v) for v in values])
-                )
+                features[f.name].int64_list.value.extend(int(v) for v in values)
             elif f.kind == "float":
-                features[f.name] = feature_pb2.Feature(
-                    float_list=feature_pb2.FloatList(value=[float(v) for v in values])
-                )
+                features[f.name].float_list.value.extend(float(v) for v in values)
             else:
-                encoded = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
-                features[f.name] = feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=encoded))
-        example = example_pb2.Example(features=feature_pb2.Features(feature=features))
+                features[f.name].bytes_list.value.extend(
+                    v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values)
         return example.SerializeToString(deterministic=True)
 
     def from_tf_example(self, serialized: bytes) -> dict[str, Any]:
-        """Inverse of ``to_tf_example``; ``string`` fields come back as ``str``."""
-        from tensorflow.core.example import example_pb2
-
-        example = example_pb2.Example.FromString(serialized)
+        """Parses a serialized tf.train.Example back into a dict of this schema's fields."""
+        example = tf_example.Example.FromString(serialized)
         record: dict[str, Any] = {}
         for f in self.fields:
             feature = example.features.feature[f.name]
@@ -156,16 +150,13 @@ class RecordSchema:
     def metadata_schema(self) -> Any:
         """The tensorflow_metadata ``Schema`` proto that tf.Transform and TFDV consume.
 
-        Derived from ``feature_spec`` by tf.Transform's own converter, so the
-        schema file and the parsing spec cannot disagree.
+        The one tf.Transform's ``schema_from_feature_spec(self.feature_spec())``
+        makes (a test holds them equal), built without importing TensorFlow.
         """
-        from tensorflow_transform.tf_metadata import schema_utils
-
-        schema = schema_utils.schema_from_feature_spec(self.feature_spec())
-        descriptions = {f.name: f.description for f in self.fields}
-        for feature in schema.feature:
-            feature.annotation.comment.append(descriptions[feature.name])
-        return schema
+        timestamps = [f.name for f in self.fields if f.kind == "timestamp"]
+        if timestamps:
+            raise ValueError(f"{self.name}.{timestamps[0]}: timestamps have no tf.Example form")
+        return tf_example.metadata_schema((f.name, f.kind, f.repeated, f.description) for f in self.fields)
 
     def metadata_schema_pbtxt(self) -> str:
         """``metadata_schema`` in protobuf text format (the ``schema.pbtxt`` file)."""

@@ -61,3 +61,16 @@ def test_importing_create_dataset_imports_neither_tensorflow_nor_keras():
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=_ROOT, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"
+
+
+def test_a_skip_analysis_run_never_imports_tensorflow(tmp_path):
+    """Records, schema.pbtxt and the summary of a --skip_analysis run need no TF op, so no TF import (~6 s)."""
+    probe = ("import sys; from beam_jobs import create_dataset; from model_lib import sample_data; "
+             f"written = sample_data.write_digits({str(tmp_path / 'data')!r}, limit=30); "
+             f"rc = create_dataset.main(['--manifest', written.manifest, '--output_dir', {str(tmp_path / 'out')!r}, "
+             "'--skip_analysis']); "
+             "print('RC', rc, sorted(m for m in ('tensorflow', 'keras', 'tensorflow_transform') if m in sys.modules))")
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=_ROOT, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "RC 0 []"
+    assert os.listdir(tmp_path / "out")
