@@ -150,7 +150,7 @@ def phase_child(manifest: str, output_dir: str, analyze: bool) -> dict[str, floa
     return phases
 
 
-def fixed_costs(work_dir: str, count: int, import_repeats: int = 3) -> str:
+def fixed_costs(work_dir: str, count: int, import_repeats: int = 3, shared: bool = False) -> str:
     """The fixed-cost breakdown section: imports in fresh interpreters, then a small run's phases."""
     data_dir = os.path.join(work_dir, f"synthetic_{count}_64px")
     manifest = os.path.join(data_dir, sample_data.MANIFEST_FILE)
@@ -176,9 +176,11 @@ def fixed_costs(work_dir: str, count: int, import_repeats: int = 3) -> str:
     lines = [
         f"## Fixed costs: where a small create_dataset run's time goes ({count} images, 64x64 JPEG)",
         "",
-        f"Command: `nice -n 10 python -m benchmarks.create_dataset --fixed_costs {count} --import_repeats {import_repeats}`",
-        f"Machine: {cpu_description()}, Python {platform.python_version()}; shared with other agents' tests while "
-        "it ran, so read the shares, not the absolute seconds.",
+        f"Command: `nice -n 10 python -m benchmarks.create_dataset --fixed_costs {count} --import_repeats {import_repeats}"
+        f"{' --shared_machine' if shared else ''}`",
+        f"Machine: {cpu_description()}, Python {platform.python_version()}"
+        + ("; shared with other agents' tests while it ran, so read the shares, not the absolute seconds."
+           if shared else "; nothing else running."),
         "",
         f"Imports, each in a fresh interpreter (median of {import_repeats}, interpreter start included):",
         "",
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixed_costs", type=int, default=0, metavar="COUNT",
                         help="Instead of the throughput table: the fixed-cost breakdown of a COUNT-image run.")
     parser.add_argument("--import_repeats", type=int, default=3, help="Fresh interpreters per import measured.")
+    parser.add_argument("--shared_machine", action="store_true",
+                        help="Say in the report that other work shared the machine (read shares, not seconds).")
     # Internal: one phase-timed run in a fresh process.
     parser.add_argument("--phase_child", help=argparse.SUPPRESS)
     parser.add_argument("--skip_analysis_child", action="store_true", help=argparse.SUPPRESS)
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(phase_child(args.phase_child, args.work_dir, not args.skip_analysis_child)))
         return 0
     if args.fixed_costs:
-        body = fixed_costs(args.work_dir, args.fixed_costs, args.import_repeats)
+        body = fixed_costs(args.work_dir, args.fixed_costs, args.import_repeats, args.shared_machine)
         print(body)
         if not args.no_report:
             write_section("fixed_costs", body)
