@@ -70,7 +70,6 @@ def _message_class(name: str) -> Any:
 
 
 Example = _message_class("Example")
-Feature = _message_class("Feature")
 
 # Field kinds (``schemas.fields``) to the Schema's feature types, as tf.Transform maps tf.io dtypes.
 _SCHEMA_TYPES = {"bytes": schema_pb2.BYTES, "string": schema_pb2.BYTES, "int64": schema_pb2.INT,
