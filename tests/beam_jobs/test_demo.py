@@ -1,4 +1,4 @@
-"""The demo command, run once for real (a subprocess, as a user types it) on a few hundred digits.
+"""The demo command, run once for real (a subprocess, as a user types it) on 200 digits.
 
 Checks what a person sees: one progress line per stage and no library noise
 on the terminal, numbers that match the artifacts the jobs wrote (read
@@ -33,9 +33,9 @@ from schemas.index import IndexInfo
 from schemas.publication import published_dir
 from transforms import pubsub_emulator
 
-LIMIT = 400
+LIMIT = 200
 EPOCHS = 2
-STREAM_MESSAGES = 120  # Twice the test split or so: the split repeats under new image ids.
+STREAM_MESSAGES = 40  # Twice the test split or so: the split repeats under new image ids.
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGE_LINE = re.compile(r"^\[(\d)/(\d)\] (\S+)\s+(.*)  \((\d+\.\d) s\)$")
 STREAM_LINE = re.compile(r"^(\d+) images in, (\d+) predictions out, (\d+) dead letters \(\+(\d+) wake-ups\); "

@@ -20,9 +20,10 @@ test_train.py (two trials on two worker processes).
 The default runner runs the whole chain once in this process (create_dataset
 -> train -> batch_predict, extract_embeddings -> build_index); under each
 other runner every job reads the *default* run's upstream artifact, so each
-comparison is about one job. Those runs are subprocesses (``python -m
-beam_jobs.<job>``) under a timeout, killed by process group: a dead
-portable worker makes the client wait forever without an error.
+comparison is about one job and the jobs run two at a time. Those runs are
+subprocesses (``python -m beam_jobs.<job>``) under a timeout, killed by
+process group: a dead portable worker makes the client wait forever without
+an error.
 
 Training: one trial, one epoch, seed 0, on 60 images. It is compared
 exactly (same best trial, same model_version, which hashes the weights, and
@@ -33,6 +34,7 @@ process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -69,6 +71,9 @@ JOB_TIMEOUT_S = 240
 TRANSFORMED_RECORDS = 8
 QUERIES = 5
 STOP_TIMEOUT_S = 15
+# The portable runs are independent (each reads the default run's artifacts): two at a time share one job
+# service and worker pool, as a cluster's jobs do, and overlap one job's imports with another's work.
+PARALLEL_JOBS = 2
 
 
 def job_argv(job: str, sample: sample_data.SampleData, upstream: dict[str, str], out: str) -> list[str]:
@@ -132,11 +137,13 @@ def other_run(sample: sample_data.SampleData, default_run: dict[str, str], porta
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Each job's output directory on the portable runner, every job reading the default run's upstream output."""
     base = tmp_path_factory.mktemp("portable_run")
-    outputs = {}
-    for job in JOBS:
-        outputs[job] = str(base / job)
-        run_job_in_subprocess(job, job_argv(job, sample, default_run, outputs[job]) + portable_runner_flags,
-                              str(base))
+    outputs = {job: str(base / job) for job in JOBS}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_JOBS) as pool:
+        runs = [pool.submit(run_job_in_subprocess, job,
+                            job_argv(job, sample, default_run, outputs[job]) + portable_runner_flags, str(base))
+                for job in JOBS]
+        for run in runs:
+            run.result()
     return outputs
 
 

@@ -40,7 +40,7 @@ from tests.fixtures.image_corpus import bad_idat_crc_png, model_refused_png
 from transforms import images, model_refresh, pubsub_io, stream_probe, streaming_eval
 from transforms.model_handler import INFERENCE_FAILED
 
-MESSAGES = 200
+MESSAGES = 100
 MAX_PIXELS = 1_000_000
 COLLECT_TIMEOUT_S = 150.0
 STOP_TIMEOUT_S = 60.0
@@ -48,7 +48,7 @@ STOP_TIMEOUT_S = 60.0
 
 @pytest.fixture(scope="module")
 def digit_files(tmp_path_factory) -> list[tuple[str, bytes]]:
-    """200 real digit PNGs: ``(path, bytes)``."""
+    """100 real digit PNGs: ``(path, bytes)``."""
     written = sample_data.write_digits(str(tmp_path_factory.mktemp("stream_digits")), limit=MESSAGES)
     files = []
     with open(written.manifest) as handle:
@@ -213,7 +213,7 @@ def test_every_message_gives_one_prediction_equal_to_the_saved_model_and_bad_one
     messages = [(json_message(image_id=image_id, image_base64=b64(data)), {}) for image_id, data in good]
     # The bad ones sit among the good, so they share bundles and batches with them.
     for offset, (data, _) in enumerate(bad.values()):
-        messages.insert(17 + 31 * offset, (data, {}))
+        messages.insert(17 + 13 * offset, (data, {}))
 
     with topics(pubsub_emulator) as paths:
         metrics_topic = pubsub_emulator.create_topic()
