@@ -211,9 +211,9 @@ def test_every_message_gives_one_prediction_equal_to_the_saved_model_and_bad_one
         "bad_idat_crc": (json_message(image_id="x5", image_base64=b64(bad_idat_crc_png())), images.CORRUPT_IMAGE),
     }
     messages = [(json_message(image_id=image_id, image_base64=b64(data)), {}) for image_id, data in good]
-    # The bad ones sit among the good, so they share bundles and batches with them.
+    # The bad ones sit among the good, evenly spread, so they share bundles and batches with them.
     for offset, (data, _) in enumerate(bad.values()):
-        messages.insert(17 + 13 * offset, (data, {}))
+        messages.insert((offset + 1) * (MESSAGES // (len(bad) + 1)) + offset, (data, {}))
 
     with topics(pubsub_emulator) as paths:
         metrics_topic = pubsub_emulator.create_topic()
